@@ -1,0 +1,55 @@
+"""The ``gctkd`` command: a Click group with one subcommand per task."""
+
+import logging
+import sys
+
+import click
+
+import gctkd
+from gctkd.errors import UserError
+from gctkd_cli.commands import distill, finetune, pretrain
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("gctkd")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(gctkd.__version__, prog_name="gctkd")
+def cli() -> None:
+    """General cyclical training and distillation for timm models.
+
+    Every knob follows one cyclical factor xi: training starts easy, is hard in the middle
+    and ends easy. Knob options take VALUE or EASY:HARD.
+    """
+    _configure_logging()
+
+
+cli.add_command(pretrain)
+cli.add_command(finetune)
+cli.add_command(distill)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except UserError as error:
+        click.echo(f"gctkd: error: {error}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        click.echo(f"gctkd: error: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("gctkd: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("gctkd: interrupted", err=True)
+        sys.exit(130)

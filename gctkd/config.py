@@ -1,0 +1,274 @@
+"""The resolved settings of one run, from defaults, a YAML file and the command line.
+
+:class:`RunConfig` is the single list of settings: the CLI builds its options from its
+fields, YAML keys are its field names and the run folder's ``config.yaml`` is its plain
+dump. Precedence: built-in defaults < YAML file < command line.
+"""
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gctkd.cycle import PROGRESS_UNITS
+from gctkd.errors import UserError, nearest_names
+from gctkd.knobs import KNOBS, KnobRange, parse_knob
+
+_logger = logging.getLogger(__name__)
+
+COMMANDS = ("pretrain", "finetune", "distill")
+CLIP_MODES = ("norm", "value", "agc")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+DEVICES = ("auto", "cpu", "cuda")
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
+def _setting(default: Any, help: str, commands: tuple[str, ...] = COMMANDS, **extra: Any) -> Any:
+    """A dataclass field carrying its ``--help`` text, commands and CLI details."""
+    metadata = {"help": help, "commands": commands, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _knob(default: Any, commands: tuple[str, ...] | None = None) -> Any:
+    """A knob field: help and commands come from the knob registry."""
+    return field(default=default, metadata={"knob": True, "commands": commands})
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run. Field names are the YAML keys; options are ``--field-name``."""
+
+    # what to train on and where to write
+    data: str | None = _setting(
+        None, "ImageFolder tree DIR/<class>/*.jpg (or DIR/train, DIR/val); default: digits."
+    )
+    out: str | None = _setting(None, "Run folder for checkpoints, config and TensorBoard events.")
+    per_class: int | None = _setting(None, "Keep the first N training images of each class.")
+    val_fraction: float = _setting(0.1, "Fraction of each class carved out for validation.")
+    val_per_class: int | None = _setting(None, "Carve exactly N validation images per class.")
+    bad_images: str = _setting("fail", "Corrupt image files: fail, or skip with a warning.",
+                               choices=BAD_IMAGE_POLICIES)
+    overwrite: bool = _setting(False, "Replace an existing run folder.", flag=True)
+
+    # model and optimisation
+    model: str | None = _setting(None, "timm model name (gctkd registers CIFAR ResNets/WRNs).")
+    from_checkpoint: str | None = _setting(
+        None, "Run folder or checkpoint to fine-tune.", ("finetune",), option="--from"
+    )
+    teacher: str | None = _setting(None, "Teacher run folder or checkpoint.", ("distill",))
+    pretrained: bool = _setting(
+        False, "Start from timm's pretrained weights (downloads them).", ("pretrain", "distill"),
+        flag=True,
+    )
+    epochs: int = _setting(10, "Epochs to train.")
+    batch_size: int = _setting(64, "Images per optimizer step.")
+    opt: str = _setting("sgd", "timm optimizer name (sgd, adamw, lamb, ...).")
+    lr: float = _setting(0.05, "Peak learning rate after warm-up.")
+    sched: str = _setting("cosine", "timm LR schedule after warm-up.")
+    warmup_epochs: int = _setting(1, "Linear LR warm-up epochs.")
+    min_lr: float = _setting(1e-5, "Final learning rate of the schedule.")
+    label_smoothing: float = _setting(0.0, "Label smoothing of the label loss.")
+    image_size: int = _setting(32, "Input size in pixels (images are resized to it).")
+    hflip: float | None = _setting(None, "Horizontal flip probability; default per data set.")
+
+    # the cycle and its knobs
+    cyclical_factor: float | None = _setting(
+        None, "f_c >= 1 of the cycle (pretrain default 1, distill 2; finetune continues)."
+    )
+    cycle_window: str | None = _setting(
+        None, "START:END part of the cycle this run covers, in [0, 1]."
+    )
+    progress_unit: str = _setting("step", "Advance the cycle per optimizer step or per epoch.",
+                                  choices=PROGRESS_UNITS[:2])
+    weight_decay: Any = _knob("5e-4")
+    momentum: Any = _knob("0.9")
+    temperature: Any = _knob("1")
+    clip: Any = _knob(None)
+    clip_mode: str = _setting("norm", "Gradient clipping mode for --clip.", choices=CLIP_MODES)
+    focal: str | None = _setting(
+        None, "Cyclical focal loss G_HC:G_FL (confident-term gamma at the easy end, focal "
+        "gamma at the hard end), e.g. 3:2."
+    )
+    kd_temperature: Any = _knob("4")
+    kd_weight: Any = _knob("0.9")
+    label_weight: Any = _knob("0.1")
+    feature_weight: Any = _knob(None)
+
+    # engine
+    device: str = _setting("auto", "Where to train: auto picks CUDA when present.", choices=DEVICES)
+    amp: str = _setting("auto", "Mixed precision on CUDA (auto = bf16 where supported).",
+                        choices=AMP_MODES)
+    ema_decay: float | None = _setting(None, "Keep an EMA of the weights with this decay.")
+    workers: int = _setting(2, "Data-loader worker processes.")
+    log_interval: int = _setting(10, "Optimizer steps between logged points.")
+    seed: int = _setting(0, "Seed for weights, data split and order.")
+
+    def knob_ranges(self) -> dict[str, KnobRange]:
+        """The knobs that are set, parsed, by name."""
+        return {
+            name: getattr(self, name)
+            for name in KNOBS
+            if isinstance(getattr(self, name, None), KnobRange)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (knobs as strings), for config.yaml and checkpoints."""
+        plain = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            plain[f.name] = str(value) if isinstance(value, KnobRange) else value
+        return plain
+
+
+def fields_for(command: str) -> list[dataclasses.Field]:
+    """The RunConfig fields a command takes."""
+    chosen = []
+    for f in dataclasses.fields(RunConfig):
+        commands = f.metadata.get("commands") or (
+            KNOBS[f.name].commands if f.metadata.get("knob") else COMMANDS
+        )
+        if command in commands:
+            chosen.append(f)
+    return chosen
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into a dict of settings (plain data only: yaml.safe_load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist: pass --config with a YAML file")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0]
+        raise UserError(f"config file '{path}' is not valid YAML: {first_line}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of settings, got a list/value")
+    return {str(key).replace("-", "_"): value for key, value in loaded.items()}
+
+
+def _check_keys(command: str, settings: dict[str, Any], source: str) -> None:
+    known = {f.name for f in fields_for(command)}
+    every = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in settings:
+        if key in known:
+            continue
+        if key in every:
+            raise UserError(f"{source}: '{key}' is not a setting of 'gctkd {command}'")
+        raise UserError(f"{source}: unknown setting '{key}'{nearest_names(key, known)}")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn YAML or CLI values into the field's kind, with a clear error."""
+    if value is None or f.metadata.get("knob"):
+        return parse_knob(f.name, value) if value is not None else None
+    declared = str(f.type)
+    if "bool" in declared:
+        target = bool
+    elif "int" in declared:
+        target = int
+    elif "float" in declared:
+        target = float
+    else:
+        target = str
+    try:
+        if target is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if target is bool and not isinstance(value, bool):
+            raise ValueError
+        coerced = target(value)
+    except (TypeError, ValueError):
+        raise UserError(f"setting '{f.name}' must be {target.__name__}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and coerced not in choices:
+        raise UserError(f"setting '{f.name}' must be one of {', '.join(choices)}, got {value!r}")
+    return coerced
+
+
+def _validate(config: RunConfig) -> None:
+    positive = ("epochs", "batch_size", "image_size", "log_interval")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {config.lr}")
+    if config.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {config.workers}")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
+    if config.per_class is not None and config.per_class < 1:
+        raise UserError(f"--per-class must be >= 1, got {config.per_class}")
+    if config.cyclical_factor is not None and config.cyclical_factor < 1:
+        raise UserError(
+            f"--cyclical-factor must be >= 1, got {config.cyclical_factor}: use 1 for "
+            "easy-to-hard, 2 for easy-hard-easy"
+        )
+    if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
+        raise UserError(f"--ema-decay must be in (0, 1), got {config.ema_decay}")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
+    focal_gammas(config)
+    cycle_window_bounds(config)
+
+
+def focal_gammas(config: RunConfig) -> tuple[float, float] | None:
+    """``(gamma_hc, gamma_fl)`` from ``--focal G_HC:G_FL``, or None when CFL is off."""
+    if config.focal is None:
+        return None
+    parts = str(config.focal).split(":")
+    try:
+        gammas = tuple(float(p) for p in parts)
+    except ValueError:
+        gammas = ()
+    if len(gammas) != 2 or min(gammas) < 0:
+        raise UserError(
+            f"--focal takes G_HC:G_FL with two gammas >= 0 (e.g. 3:2), got {config.focal!r}"
+        )
+    return gammas
+
+
+def cycle_window_bounds(config: RunConfig) -> tuple[float, float] | None:
+    """``(start, end)`` from ``--cycle-window START:END``, or None."""
+    if config.cycle_window is None:
+        return None
+    parts = str(config.cycle_window).split(":")
+    try:
+        start, end = (float(p) for p in parts)
+    except ValueError:
+        raise UserError(
+            f"--cycle-window takes START:END in [0, 1], got {config.cycle_window!r}"
+        ) from None
+    if not 0.0 <= start <= end <= 1.0:
+        raise UserError(f"--cycle-window needs 0 <= START <= END <= 1, got {config.cycle_window}")
+    return start, end
+
+
+def resolve_config(
+    command: str,
+    yaml_settings: dict[str, Any] | None = None,
+    cli_settings: dict[str, Any] | None = None,
+    source: str = "config file",
+) -> RunConfig:
+    """Merge defaults < YAML < command line into a checked RunConfig."""
+    yaml_settings = dict(yaml_settings or {})
+    cli_settings = dict(cli_settings or {})
+    _check_keys(command, yaml_settings, source)
+    _check_keys(command, cli_settings, "command line")
+    merged = {**yaml_settings, **cli_settings}
+    values = {}
+    for f in fields_for(command):
+        if f.name in merged:
+            values[f.name] = _coerce(f, merged[f.name])
+        elif f.metadata.get("knob"):
+            values[f.name] = _coerce(f, f.default)
+    # knobs of other commands stay unset, so knob_ranges() lists only what this run uses
+    for name in KNOBS:
+        values.setdefault(name, None)
+    config = RunConfig(**values)
+    _validate(config)
+    return config

@@ -1,0 +1,270 @@
+"""The three commands as library calls: pretrain, finetune and distill.
+
+Each builds the data, the model and its task from a :class:`~gctkd.config.RunConfig`,
+places the run on its part of the cycle and hands everything to the one
+:class:`~gctkd.engine.trainer.Trainer`. Pretraining is the first half of a cycle (f_c = 1:
+easy to hard); fine-tuning continues from where the checkpoint says the cycle stands back
+to easy; distillation runs its own cycle (f_c = 2 by default, so the KD temperature peaks
+mid-run).
+"""
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import timm.utils
+import torch
+import yaml
+from torch import nn
+
+import gctkd
+from gctkd.config import RunConfig, cycle_window_bounds, focal_gammas
+from gctkd.cycle import CycleWindow, continuation_window
+from gctkd.data.datasets import DataBundle, build_datasets
+from gctkd.data.loader import build_loader
+from gctkd.data.transforms import TransformedDataset, build_transform
+from gctkd.engine.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, resolve_checkpoint
+from gctkd.engine.precision import select_device
+from gctkd.engine.trainer import Trainer
+from gctkd.errors import UserError
+from gctkd.knobs import KnobSchedule
+from gctkd.models import FrozenTeacher, count_parameters, create_model
+from gctkd.tasks.classification import ClassificationTask
+from gctkd.tasks.distill import DistillTask
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_CYCLICAL_FACTOR = {"pretrain": 1.0, "finetune": 1.0, "distill": 2.0}
+DEFAULT_MODEL = {"pretrain": "resnet20", "distill": "resnet8x4"}
+
+
+def prepare_run_dir(out: str | None, command: str, overwrite: bool) -> Path:
+    """Create the run folder; never write into someone's existing files unasked."""
+    run_dir = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out '{run_dir}' is a file: pass a folder for the run")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"--out '{run_dir}' exists and is not empty: pass another folder, or --overwrite "
+                "to replace that run"
+            )
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(
+                f"--out '{run_dir}' is not a gctkd run folder (no config.yaml); --overwrite only "
+                "replaces gctkd runs: pass an empty or new folder"
+            )
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(
+            f"--out '{run_dir}' cannot be written ({error.strerror}): pass a writable folder"
+        ) from None
+    return run_dir
+
+
+def _attach_file_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("gctkd").addHandler(handler)
+    return handler
+
+
+def build_data(config: RunConfig) -> tuple[DataBundle, Any, Any]:
+    """Datasets with their transforms and the two loaders."""
+    bundle = build_datasets(
+        config.data,
+        per_class=config.per_class,
+        val_fraction=config.val_fraction,
+        val_per_class=config.val_per_class,
+        seed=config.seed,
+        bad_images=config.bad_images,
+    )
+    if config.batch_size > len(bundle.train):
+        raise UserError(
+            f"--batch-size {config.batch_size} is larger than the {len(bundle.train)} training "
+            "images: pass a smaller --batch-size"
+        )
+    hflip = config.hflip if config.hflip is not None else (0.5 if bundle.default_hflip else 0.0)
+    common = {"mean": bundle.mean, "std": bundle.std}
+    train_transform = build_transform(config.image_size, training=True, hflip=hflip, **common)
+    eval_transform = build_transform(config.image_size, training=False, hflip=0.0, **common)
+    train_loader = build_loader(
+        TransformedDataset(bundle.train, train_transform),
+        batch_size=config.batch_size,
+        training=True,
+        workers=config.workers,
+        seed=config.seed,
+    )
+    val_loader = build_loader(
+        TransformedDataset(bundle.val, eval_transform),
+        batch_size=config.batch_size,
+        training=False,
+        workers=config.workers,
+        seed=config.seed,
+    )
+    return bundle, train_loader, val_loader
+
+
+def _meta(config: RunConfig, command: str, model_name: str, bundle: DataBundle) -> dict[str, Any]:
+    return {
+        "command": command,
+        "gctkd_version": gctkd.__version__,
+        "model_name": model_name,
+        "num_classes": bundle.num_classes,
+        "class_names": list(bundle.class_names),
+        "image_size": config.image_size,
+        "mean": list(bundle.mean),
+        "std": list(bundle.std),
+    }
+
+
+def _window(config: RunConfig, command: str, recorded: dict[str, Any] | None = None) -> CycleWindow:
+    bounds = cycle_window_bounds(config)
+    if command == "finetune" and recorded is not None:
+        if config.cyclical_factor is None and bounds is None:
+            return continuation_window(float(recorded.get("xi", 0.0)))
+        if config.cyclical_factor is None:
+            factor = float(recorded.get("cyclical_factor", 1.0))
+            return CycleWindow(factor, *bounds)
+    factor = config.cyclical_factor or DEFAULT_CYCLICAL_FACTOR[command]
+    return CycleWindow(factor, *(bounds or (0.0, 1.0)))
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[0][:200]
+        raise UserError(
+            f"{source} does not fit the model ({detail}): pass the --model it was trained with"
+        ) from None
+
+
+def _model_from_checkpoint(
+    state: dict[str, Any], source: str, model_name: str | None = None
+) -> nn.Module:
+    """Rebuild the network a checkpoint was trained with and load its exported weights."""
+    recorded = state.get("model_name")
+    if model_name is not None and recorded is not None and model_name != recorded:
+        raise UserError(
+            f"{source} holds a '{recorded}', not a '{model_name}': drop --model or pass "
+            f"--model {recorded}"
+        )
+    model = create_model(model_name or recorded, int(state["num_classes"]))
+    _load_weights(model, state["model"], source)
+    return model
+
+
+def _train(
+    command: str,
+    config: RunConfig,
+    build_task: Any,
+    recorded_cycle: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    device = select_device(config.device)
+    bundle, train_loader, val_loader = build_data(config)
+    run_dir = prepare_run_dir(config.out, command, config.overwrite)
+    handler = _attach_file_log(run_dir)
+    try:
+        timm.utils.random_seed(config.seed)
+        task = build_task(bundle)
+        window = _window(config, command, recorded_cycle)
+        schedule = KnobSchedule(window, config.knob_ranges(), extra_xi_tags=task.xi_driven)
+        resolved = {"command": command, **config.to_dict(), "out": str(run_dir)}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        _logger.info(f"gctkd {command} {gctkd.__version__}: {bundle.description}")
+        _logger.info(
+            f"model {task.meta['model_name']} ({count_parameters(task.model) / 1e6:.2f}M "
+            f"parameters), {bundle.num_classes} classes, {config.image_size}px"
+        )
+        trainer = Trainer(task, schedule, config, train_loader, val_loader, run_dir, device)
+        summary = trainer.fit()
+        _logger.info(
+            f"done in {summary['wall_seconds']:.1f}s: best val top1 {summary['best_top1']:.2f}; "
+            f"checkpoints {run_dir / BEST_NAME}, {run_dir / LAST_NAME}"
+        )
+        return summary
+    finally:
+        logging.getLogger("gctkd").removeHandler(handler)
+        handler.close()
+
+
+def pretrain(config: RunConfig) -> dict[str, Any]:
+    """Train a model from scratch (or timm weights) on the easy-to-hard half of the cycle."""
+    model_name = config.model or DEFAULT_MODEL["pretrain"]
+
+    def build_task(bundle: DataBundle) -> ClassificationTask:
+        model = create_model(model_name, bundle.num_classes, pretrained=config.pretrained)
+        meta = _meta(config, "pretrain", model_name, bundle)
+        return ClassificationTask(model, meta, focal_gammas(config), config.label_smoothing)
+
+    return _train("pretrain", config, build_task)
+
+
+def finetune(config: RunConfig) -> dict[str, Any]:
+    """Continue a run on new data; the cycle goes on from where the checkpoint left it.
+
+    ``--from RUN`` reads the run's ``last.pt``: the end of pretraining is where the cycle
+    stands, whereas ``best.pt`` may come from any epoch.
+    """
+    if config.from_checkpoint is None:
+        raise UserError("finetune needs --from RUN_OR_CKPT: the run or checkpoint to continue")
+    path = resolve_checkpoint(config.from_checkpoint, prefer=LAST_NAME, option="--from")
+    state = load_checkpoint(path, option="--from")
+    source = f"--from '{path}'"
+
+    def build_task(bundle: DataBundle) -> ClassificationTask:
+        model = _model_from_checkpoint(state, source, config.model)
+        if int(state["num_classes"]) != bundle.num_classes:
+            _logger.info(
+                f"new classifier: {state['num_classes']} -> {bundle.num_classes} classes"
+            )
+            model.reset_classifier(bundle.num_classes)
+        meta = _meta(config, "finetune", state["model_name"], bundle)
+        meta["from"] = str(path)
+        return ClassificationTask(model, meta, focal_gammas(config), config.label_smoothing)
+
+    return _train("finetune", config, build_task, recorded_cycle=state.get("cycle"))
+
+
+def distill(config: RunConfig) -> dict[str, Any]:
+    """Train a student from a frozen teacher with cyclical KD temperature and weights."""
+    if config.teacher is None:
+        raise UserError("distill needs --teacher RUN_OR_CKPT: the teacher run or checkpoint")
+    path = resolve_checkpoint(config.teacher, prefer=BEST_NAME, option="--teacher")
+    state = load_checkpoint(path, option="--teacher")
+    source = f"--teacher '{path}'"
+    student_name = config.model or DEFAULT_MODEL["distill"]
+
+    def build_task(bundle: DataBundle) -> DistillTask:
+        if int(state["num_classes"]) != bundle.num_classes:
+            raise UserError(
+                f"{source} predicts {state['num_classes']} classes but the data has "
+                f"{bundle.num_classes}: distil on the data the teacher was trained or "
+                "fine-tuned on"
+            )
+        teacher_model = _model_from_checkpoint(state, source)
+        teacher = FrozenTeacher(
+            teacher_model,
+            student_mean=bundle.mean,
+            student_std=bundle.std,
+            teacher_mean=state.get("mean", bundle.mean),
+            teacher_std=state.get("std", bundle.std),
+            teacher_size=state.get("image_size"),
+        )
+        student = create_model(student_name, bundle.num_classes, pretrained=config.pretrained)
+        meta = _meta(config, "distill", student_name, bundle)
+        meta["teacher"] = {"path": str(path), "model_name": state["model_name"]}
+        return DistillTask(student, teacher, meta, focal_gammas(config), config.label_smoothing)
+
+    return _train("distill", config, build_task)
+
+
+COMMANDS = {"pretrain": pretrain, "finetune": finetune, "distill": distill}
