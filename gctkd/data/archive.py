@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import IO
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -27,6 +28,9 @@ from gctkd.errors import UserError
 _logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".gctkd-extracted.json"
+
+# bytes of skipped images held in memory instead of written and deleted again
+_MEMORY_BUDGET = 256 * 2**20
 
 
 def _member_parts(member: tarfile.TarInfo, archive: str) -> list[str]:
@@ -43,15 +47,82 @@ def _member_parts(member: tarfile.TarInfo, archive: str) -> list[str]:
     return parts
 
 
-def _stream_subset(
-    archive: str, work: Path, root_parts: list[str], keep_first: int | None
-) -> dict[str, list[str]]:
-    """Writes the first ``keep_first`` image names of each class into ``work``; returns them.
+class _SubsetWriter:
+    """Keeps, per class, the ``keep_first`` smallest file names offered so far.
 
-    The archive order is free: each class keeps its ``keep_first`` smallest names seen so far on
-    disk and deletes a file as soon as a smaller name pushes it out.
+    The archive order is free: a file is deleted as soon as smaller names push it out. Files
+    ranked below ``skip`` (those a sorted archive will never need) stay in memory while
+    ``memory_budget`` bytes allow, so they cost no disk writes.
     """
-    names_by_class: dict[str, list[str]] = {}
+
+    def __init__(self, work: Path, skip: int, keep_first: int | None, memory_budget: int):
+        self.work = work
+        self.skip = skip
+        self.keep_first = keep_first
+        self.memory_budget = memory_budget
+        self.names: dict[str, list[str]] = {}
+        self._held: dict[tuple[str, str], bytes] = {}
+        self._held_bytes = 0
+        self._made_dirs: set[str] = set()
+
+    def offer(self, class_name: str, file_name: str, source: IO[bytes]) -> None:
+        """Considers one image; ``source`` is read only when the image is kept."""
+        names = self.names.setdefault(class_name, [])
+        position = bisect.bisect_left(names, file_name)
+        if position < len(names) and names[position] == file_name:
+            # a repeated member: the later copy wins, as with tar itself
+            self._drop(class_name, file_name)
+            self._store(class_name, file_name, source.read(), hold=position < self.skip)
+            return
+        if self.keep_first is not None and position >= self.keep_first:
+            return
+
+        names.insert(position, file_name)
+        self._store(class_name, file_name, source.read(), hold=position < self.skip)
+        if position < self.skip < len(names):
+            self._release(class_name, names[self.skip])
+        if self.keep_first is not None and len(names) > self.keep_first:
+            self._drop(class_name, names.pop())
+
+    def finish(self) -> dict[str, list[str]]:
+        """Drops the skipped names and returns the kept names of each class."""
+        for class_name, names in self.names.items():
+            for file_name in names[: self.skip]:
+                self._drop(class_name, file_name)
+        return {name: names[self.skip :] for name, names in self.names.items()}
+
+    def _path(self, class_name: str, file_name: str) -> Path:
+        return self.work / class_name / file_name
+
+    def _write(self, class_name: str, file_name: str, data: bytes) -> None:
+        if class_name not in self._made_dirs:
+            (self.work / class_name).mkdir(exist_ok=True)
+            self._made_dirs.add(class_name)
+        self._path(class_name, file_name).write_bytes(data)
+
+    def _store(self, class_name: str, file_name: str, data: bytes, hold: bool) -> None:
+        if hold and self._held_bytes + len(data) <= self.memory_budget:
+            self._held[(class_name, file_name)] = data
+            self._held_bytes += len(data)
+        else:
+            self._write(class_name, file_name, data)
+
+    def _release(self, class_name: str, file_name: str) -> None:
+        data = self._held.pop((class_name, file_name), None)
+        if data is not None:
+            self._held_bytes -= len(data)
+            self._write(class_name, file_name, data)
+
+    def _drop(self, class_name: str, file_name: str) -> None:
+        data = self._held.pop((class_name, file_name), None)
+        if data is not None:
+            self._held_bytes -= len(data)
+        else:
+            self._path(class_name, file_name).unlink(missing_ok=True)
+
+
+def _stream_subset(archive: str, writer: _SubsetWriter, root_parts: list[str]) -> None:
+    """Offers every image under ``root/<class>/`` of the archive to ``writer``, in one pass."""
     depth = len(root_parts) + 2
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
@@ -65,23 +136,7 @@ def _stream_subset(
                 )
             if len(parts) != depth or not parts[-1].lower().endswith(IMG_EXTENSIONS):
                 continue
-
-            class_name, file_name = parts[-2:]
-            names = names_by_class.setdefault(class_name, [])
-            position = bisect.bisect_left(names, file_name)
-            is_new = position == len(names) or names[position] != file_name
-            if is_new and keep_first is not None and len(names) >= keep_first:
-                if file_name > names[-1]:
-                    continue
-            class_dir = work / class_name
-            class_dir.mkdir(exist_ok=True)
-            with tar.extractfile(member) as source, open(class_dir / file_name, "wb") as target:
-                shutil.copyfileobj(source, target)
-            if is_new:
-                names.insert(position, file_name)
-                if keep_first is not None and len(names) > keep_first:
-                    (class_dir / names.pop()).unlink()
-    return names_by_class
+            writer.offer(parts[-2], parts[-1], tar.extractfile(member))
 
 
 def _same_request(marker: Path, request: dict) -> bool:
@@ -157,12 +212,14 @@ def extract_imagefolder_subset(
     work = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.partial-", dir=dest_path.parent))
     try:
         keep_first = None if per_class is None else skip_per_class + per_class
+        writer = _SubsetWriter(work, skip_per_class, keep_first, _MEMORY_BUDGET)
         try:
-            names_by_class = _stream_subset(str(archive_path), work, root_parts, keep_first)
+            _stream_subset(str(archive_path), writer, root_parts)
         except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as error:
             raise UserError(
                 f"cannot read archive '{archive_path}' as a tar.gz ({error}): check the file"
             ) from error
+        names_by_class = writer.finish()
         if not names_by_class:
             raise UserError(
                 f"archive '{archive_path}' has no images under '{request['root']}/<class>/': "
@@ -171,15 +228,13 @@ def extract_imagefolder_subset(
 
         counts = {}
         for class_name, names in sorted(names_by_class.items()):
-            for name in names[:skip_per_class]:
-                (work / class_name / name).unlink()
-            kept = len(names) - skip_per_class
-            if kept < 1 or (per_class is not None and kept < per_class):
+            if not names or (per_class is not None and len(names) < per_class):
                 raise UserError(
-                    f"class {class_name!r} in '{archive_path}' has {len(names)} images, too few "
-                    f"to skip {skip_per_class} and keep {per_class or 'at least 1'}"
+                    f"class {class_name!r} in '{archive_path}' has only {len(names)} images "
+                    f"after the first {skip_per_class}, and {per_class or 1} are needed: "
+                    "lower per_class or skip_per_class"
                 )
-            counts[class_name] = kept
+            counts[class_name] = len(names)
 
         (work / MARKER_NAME).write_text(json.dumps({**request, "classes": counts}, indent=1))
         try:

@@ -50,7 +50,9 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 _Item = TypeVar("_Item")
 
-_DATA_HINT = "pass --data DIR with DIR/<class>/*.jpg, or leave --data out to use the embedded digits"
+_DATA_HINT = (
+    "pass --data DIR with DIR/<class>/*.jpg, or leave --data out to use the embedded digits"
+)
 
 
 def _check_options(

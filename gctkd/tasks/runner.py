@@ -170,11 +170,12 @@ def _train(
 ) -> dict[str, Any]:
     device = select_device(config.device)
     bundle, train_loader, val_loader = build_data(config)
+    timm.utils.random_seed(config.seed)
+    # the task checks model names and checkpoints: a bad one must not leave a run folder
+    task = build_task(bundle)
     run_dir = prepare_run_dir(config.out, command, config.overwrite)
     handler = _attach_file_log(run_dir)
     try:
-        timm.utils.random_seed(config.seed)
-        task = build_task(bundle)
         window = _window(config, command, recorded_cycle)
         schedule = KnobSchedule(window, config.knob_ranges(), extra_xi_tags=task.xi_driven)
         resolved = {"command": command, **config.to_dict(), "out": str(run_dir)}

@@ -1,0 +1,90 @@
+"""The gctkd command: help, version, and user errors as one line with exit code 2."""
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+import gctkd
+from gctkd_cli.main import cli, main
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "distill"])
+def test_help_lists_the_contract_options(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0
+    for option in ("--data", "--out", "--model", "--epochs", "--config", "--weight-decay",
+                   "--temperature", "--clip", "--clip-mode", "--focal", "--cyclical-factor",
+                   "--lr", "--batch-size", "--seed", "--per-class"):
+        assert option in result.output, option
+    assert ("--kd-temperature" in result.output) == (command == "distill")
+    assert ("--from" in result.output) == (command == "finetune")
+    assert ("--teacher" in result.output) == (command == "distill")
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and gctkd.__version__ in result.output
+
+
+@pytest.fixture
+def gctkd_main(monkeypatch, capsys):
+    """Run the console entry point in-process; returns its exit code and stderr."""
+
+    def run(*args, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["gctkd", *args])
+        with pytest.raises(SystemExit) as stopped:
+            main()
+        return SimpleNamespace(returncode=stopped.value.code, stderr=capsys.readouterr().err)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pretrain", "--data", "/no/such/folder"], "does not exist"),
+        (["pretrain", "--model", "resnet_nope"], "unknown model 'resnet_nope'"),
+        (["pretrain", "--weight-decay", "-1:1e-3"], "--weight-decay must be >= 0"),
+        (["pretrain", "--temperature", "0"], "--temperature must be > 0"),
+        (["pretrain", "--cyclical-factor", "0.5"], "--cyclical-factor must be >= 1"),
+        (["pretrain", "--batch-size", "100000"], "--batch-size 100000 is larger than"),
+        (["finetune", "--from", "/no/such/run"], "--from '/no/such/run' does not exist"),
+        (["distill", "--teacher", "/no/such/run"], "--teacher '/no/such/run' does not exist"),
+        (["pretrain", "--clip-mode", "max"], "Invalid value for '--clip-mode'"),
+        (["pretrain", "--epochs", "x"], "Invalid value for '--epochs'"),
+        (["pretrain", "--config", "missing.yaml"], "missing.yaml' does not exist"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(tmp_path, gctkd_main, args, message):
+    result = gctkd_main(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gctkd: error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_folder_is_kept(tmp_path, gctkd_main):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = gctkd_main("pretrain", "--out", str(out), "--epochs", "1")
+    assert result.returncode == 2
+    assert "exists and is not empty" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+    result = gctkd_main("pretrain", "--out", str(out), "--epochs", "1", "--overwrite")
+    assert result.returncode == 2 and "not a gctkd run folder" in result.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_unknown_yaml_key_names_the_nearest(tmp_path, gctkd_main):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 1\nwieght_decay: 1e-4\n")
+    result = gctkd_main("pretrain", "--config", str(recipe), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert "unknown setting 'wieght_decay' (did you mean 'weight_decay'" in result.stderr

@@ -1,0 +1,71 @@
+"""Settings: defaults < YAML < command line, and clear errors for bad keys and values."""
+
+import pytest
+
+from gctkd.config import load_yaml, resolve_config
+from gctkd.errors import UserError
+from gctkd.knobs import KnobRange
+
+
+def test_command_line_wins_over_yaml_over_defaults():
+    config = resolve_config(
+        "pretrain",
+        {"epochs": 7, "weight_decay": "1e-4:1e-3", "lr": 0.2},
+        {"epochs": 3},
+    )
+    assert config.epochs == 3
+    assert config.lr == 0.2
+    assert config.weight_decay == KnobRange(1e-4, 1e-3)
+    assert config.batch_size == 64
+    assert config.temperature == KnobRange(1.0, 1.0)
+
+
+def test_knobs_of_other_commands_stay_unset():
+    assert "kd_temperature" not in resolve_config("pretrain").knob_ranges()
+    assert resolve_config("distill").knob_ranges()["kd_temperature"] == KnobRange(4.0, 4.0)
+    assert "clip" not in resolve_config("distill").knob_ranges()
+
+
+def test_yaml_file(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("epochs: 4\nweight-decay: [1.0e-4, 1.0e-3]\nclip: '4:10'\nclip_mode: value\n")
+    config = resolve_config("pretrain", load_yaml(path))
+    assert (config.epochs, config.clip_mode) == (4, "value")
+    assert config.clip == KnobRange(4.0, 10.0)
+    assert config.weight_decay == KnobRange(1e-4, 1e-3)
+    assert config.to_dict()["clip"] == "4:10"
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"wieght_decay": 1e-4}, "unknown setting 'wieght_decay' (did you mean 'weight_decay'"),
+        ({"kd_temperature": 2}, "'kd_temperature' is not a setting of 'gctkd pretrain'"),
+        ({"epochs": 0}, "--epochs must be >= 1, got 0"),
+        ({"epochs": "many"}, "setting 'epochs' must be int"),
+        ({"cyclical_factor": 0.5}, "--cyclical-factor must be >= 1, got 0.5"),
+        ({"clip_mode": "max"}, "must be one of norm, value, agc"),
+        ({"focal": "3"}, "--focal takes G_HC:G_FL"),
+        ({"focal": "3:-1"}, "--focal takes G_HC:G_FL"),
+        ({"cycle_window": "0.8:0.2"}, "--cycle-window needs 0 <= START <= END <= 1"),
+        ({"weight_decay": "-1"}, "--weight-decay must be >= 0"),
+        ({"lr": 0}, "--lr must be > 0"),
+    ],
+)
+def test_bad_settings(settings, message):
+    with pytest.raises(UserError) as caught:
+        resolve_config("pretrain", settings)
+    assert message in str(caught.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("epochs: [1,\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_yaml(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_yaml(listing)
