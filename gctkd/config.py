@@ -7,6 +7,7 @@ dump. Precedence: built-in defaults < YAML file < command line.
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ class RunConfig:
     label_smoothing: float = _setting(0.0, "Label smoothing of the label loss.")
     image_size: int = _setting(32, "Input size in pixels (images are resized to it).")
     hflip: float | None = _setting(None, "Horizontal flip probability; default per data set.")
+    auto_augment: str | None = _setting(
+        None, "timm auto-augment policy for training, e.g. rand-m9-mstd0.5-inc1."
+    )
+    re_prob: float = _setting(0.0, "Random-erasing probability for training (timm).")
 
     # the cycle and its knobs
     cyclical_factor: float | None = _setting(
@@ -137,13 +142,32 @@ def fields_for(command: str) -> list[dataclasses.Field]:
     return chosen
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader without base-60 integers.
+
+    YAML 1.1 reads ``4:10`` as the integer 250 (sexagesimal); in a recipe it means the knob
+    pair EASY:HARD, so such values must stay strings.
+    """
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe into a dict of settings (plain data only: yaml.safe_load)."""
+    """Read a YAML recipe into a dict of settings (plain data only, as yaml.safe_load)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist: pass --config with a YAML file")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
     except yaml.YAMLError as error:
         first_line = str(error).splitlines()[0]
         raise UserError(f"config file '{path}' is not valid YAML: {first_line}") from None
@@ -210,6 +234,8 @@ def _validate(config: RunConfig) -> None:
         )
     if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in (0, 1), got {config.ema_decay}")
+    if not 0.0 <= config.re_prob <= 1.0:
+        raise UserError(f"--re-prob must be in [0, 1], got {config.re_prob}")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     focal_gammas(config)

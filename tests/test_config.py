@@ -58,6 +58,15 @@ def test_bad_settings(settings, message):
     assert message in str(caught.value)
 
 
+def test_yaml_pairs_are_not_base_60_numbers(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("clip: 4:10\ntemperature: 1:4\nfocal: 3:2\nepochs: 12\nlr: 1.5e-1\n")
+    config = resolve_config("pretrain", load_yaml(path))
+    assert config.clip == KnobRange(4.0, 10.0)
+    assert config.temperature == KnobRange(1.0, 4.0)
+    assert (config.focal, config.epochs, config.lr) == ("3:2", 12, 0.15)
+
+
 def test_bad_yaml_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_yaml(tmp_path / "missing.yaml")
@@ -69,3 +78,15 @@ def test_bad_yaml_files(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="must hold a mapping"):
         load_yaml(listing)
+
+
+@pytest.mark.parametrize(
+    "name", ["cifar4k-pretrain", "cifar4k-finetune", "cifar4k-distill", "imagenet-paper"]
+)
+def test_shipped_recipes_resolve(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    command = name.split("-")[1] if name.startswith("cifar4k") else "pretrain"
+    config = resolve_config(command, load_yaml(path))
+    assert config.weight_decay.is_cyclical

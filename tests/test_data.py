@@ -1,5 +1,6 @@
 """Tests of gctkd.data: datasets, splits, transforms, loaders and archive extraction."""
 
+import gc
 import io
 import logging
 import os
@@ -261,6 +262,25 @@ def test_corrupt_image_fail_and_skip(make_image_folder, caplog):
     assert np.array_equal(np.asarray(image), np.asarray(skipping.train[1][0]))
     warnings = [r for r in caplog.records if str(bad) in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_corrupt_image_in_worker_gives_one_line(make_image_folder):
+    root = make_image_folder(per_class=4)
+    bad = root / "cat" / "img_00.jpg"
+    bad.write_bytes(b"garbage")
+    bundle = build_datasets(root, per_class=2, val_per_class=1)
+    transform = build_transform(16, training=False, mean=bundle.mean, std=bundle.std, hflip=0.0)
+    loader = build_loader(
+        TransformedDataset(bundle.train, transform), batch_size=2, training=False, workers=1,
+        seed=0,
+    )  # fmt: skip
+    with pytest.raises(UserError) as error:
+        list(loader)
+    message = str(error.value)
+    assert message.startswith(f"cannot decode image '{bad}'") and "\n" not in message
+    assert "--bad-images skip" in message
+    del error, loader
+    gc.collect()
 
 
 def test_all_images_corrupt_under_skip(tmp_path):

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tarfile
-import tempfile
+import uuid
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
@@ -209,7 +209,9 @@ def extract_imagefolder_subset(
         )
 
     dest_path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.partial-", dir=dest_path.parent))
+    # not tempfile.mkdtemp: its 0700 mode would stay on dest after the rename
+    work = dest_path.parent / f".{dest_path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
     try:
         keep_first = None if per_class is None else skip_per_class + per_class
         writer = _SubsetWriter(work, skip_per_class, keep_first, _MEMORY_BUDGET)

@@ -304,7 +304,11 @@ class DataBundle:
         )
 
 
-def _digits_bundle(split: dict[str, Any], mean, std) -> DataBundle:
+def _digits_bundle(
+    split: dict[str, Any],
+    mean: tuple[float, float, float] | None,
+    std: tuple[float, float, float] | None,
+) -> DataBundle:
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -11,6 +11,7 @@ random state, so reproducing them also needs the caller to seed ``random`` and `
 
 import logging
 import random
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from gctkd.errors import UserError
 
 _logger = logging.getLogger(__name__)
+
+_WORKER_ERROR = "Caught UserError in DataLoader worker"
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -30,6 +33,37 @@ def _seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+def _worker_message(error: UserError) -> str | None:
+    """The original one-line message of a UserError a worker raised, or None."""
+    text = str(error)
+    if not text.startswith(_WORKER_ERROR):
+        return None
+    # PyTorch re-raises with the worker's traceback as the message; its last line is ours
+    tag = f"{UserError.__module__}.{UserError.__qualname__}: "
+    for line in reversed(text.splitlines()):
+        if line.startswith(tag):
+            return line[len(tag) :]
+    return None
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers' UserErrors arrive with their own one-line message."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except UserError as error:
+                message = _worker_message(error)
+                if message is None:
+                    raise
+                raise UserError(message) from error
+            yield batch
 
 
 def build_loader(
@@ -56,7 +90,8 @@ def build_loader(
             holds more than one batch, and never for evaluation.
 
     Returns:
-        The DataLoader.
+        The DataLoader. A ``UserError`` raised in a worker (an undecodable image, say) reaches
+        the caller with its original one-line message instead of PyTorch's traceback text.
 
     Raises:
         UserError: an empty dataset, a batch size below 1 or above the dataset's length, or a
@@ -84,7 +119,7 @@ def build_loader(
         f"{kind} loader: {size} samples, batch {batch_size}, {workers} workers, "
         f"drop_last={drop_last}, seed {seed}"
     )
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         shuffle=training,

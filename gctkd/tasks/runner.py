@@ -37,7 +37,7 @@ from gctkd.tasks.distill import DistillTask
 _logger = logging.getLogger(__name__)
 
 DEFAULT_CYCLICAL_FACTOR = {"pretrain": 1.0, "finetune": 1.0, "distill": 2.0}
-DEFAULT_MODEL = {"pretrain": "resnet20", "distill": "resnet8x4"}
+DEFAULT_MODEL = {"pretrain": "resnet56", "distill": "resnet20"}
 
 
 def prepare_run_dir(out: str | None, command: str, overwrite: bool) -> Path:
@@ -93,7 +93,10 @@ def build_data(config: RunConfig) -> tuple[DataBundle, Any, Any]:
         )
     hflip = config.hflip if config.hflip is not None else (0.5 if bundle.default_hflip else 0.0)
     common = {"mean": bundle.mean, "std": bundle.std}
-    train_transform = build_transform(config.image_size, training=True, hflip=hflip, **common)
+    train_transform = build_transform(
+        config.image_size, training=True, hflip=hflip, auto_augment=config.auto_augment,
+        re_prob=config.re_prob, **common,
+    )
     eval_transform = build_transform(config.image_size, training=False, hflip=0.0, **common)
     train_loader = build_loader(
         TransformedDataset(bundle.train, train_transform),
@@ -104,7 +107,7 @@ def build_data(config: RunConfig) -> tuple[DataBundle, Any, Any]:
     )
     val_loader = build_loader(
         TransformedDataset(bundle.val, eval_transform),
-        batch_size=config.batch_size,
+        batch_size=min(config.batch_size, len(bundle.val)),
         training=False,
         workers=config.workers,
         seed=config.seed,
