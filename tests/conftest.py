@@ -1,6 +1,8 @@
 """Shared fixtures: a small real CIFAR-10 ImageFolder and tiny synthetic ImageFolders."""
 
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from PIL import Image
 
 from gctkd.data.archive import extract_imagefolder_subset
+from gctkd_cli.main import main
 
 CIFAR_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / (
     "cifar10-train-jpeg.tar.gz"
@@ -59,3 +62,18 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
         return write_image_folder(tmp_path / name, classes, per_class, size)
 
     return make
+
+
+@pytest.fixture
+def gctkd_main(monkeypatch, capsys):
+    """Run the console entry point in-process; returns its exit code and stderr."""
+
+    def run(*args, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["gctkd", *args])
+        with pytest.raises(SystemExit) as stopped:
+            main()
+        return SimpleNamespace(returncode=stopped.value.code, stderr=capsys.readouterr().err)
+
+    return run

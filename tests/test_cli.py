@@ -1,13 +1,10 @@
 """The gctkd command: help, version, and user errors as one line with exit code 2."""
 
-import sys
-from types import SimpleNamespace
-
 import pytest
 from click.testing import CliRunner
 
 import gctkd
-from gctkd_cli.main import cli, main
+from gctkd_cli.main import cli
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "distill"])
@@ -26,21 +23,6 @@ def test_help_lists_the_contract_options(command):
 def test_version():
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0 and gctkd.__version__ in result.output
-
-
-@pytest.fixture
-def gctkd_main(monkeypatch, capsys):
-    """Run the console entry point in-process; returns its exit code and stderr."""
-
-    def run(*args, cwd=None):
-        if cwd is not None:
-            monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", ["gctkd", *args])
-        with pytest.raises(SystemExit) as stopped:
-            main()
-        return SimpleNamespace(returncode=stopped.value.code, stderr=capsys.readouterr().err)
-
-    return run
 
 
 @pytest.mark.parametrize(
