@@ -194,3 +194,15 @@ def test_frozen_teacher_is_untouched_by_distillation(tmp_path):
         assert torch.equal(value, before[name]), name
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters()))
+
+
+def test_ema_is_evaluated_and_kept_apart(tmp_path):
+    trainer = _trainer(tmp_path, {"epochs": 1, "ema_decay": 0.5})
+    summary = trainer.fit()
+    assert {"val_ema/top1", "val_ema/ece", "val/top1"} <= set(summary["final"])
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    ema_weights = dict(trainer.ema.module.state_dict())
+    raw_weights = dict(trainer.task.model.state_dict())
+    assert all(torch.equal(state["model"][k], ema_weights[k]) for k in ema_weights)
+    assert all(torch.equal(state["raw_model"][k], raw_weights[k]) for k in raw_weights)
+    assert not all(torch.equal(ema_weights[k], raw_weights[k]) for k in raw_weights)

@@ -76,8 +76,11 @@ def _attach_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def build_data(config: RunConfig) -> tuple[DataBundle, Any, Any]:
-    """Datasets with their transforms and the two loaders."""
+def build_data(
+    config: RunConfig, device: torch.device | None = None
+) -> tuple[DataBundle, Any, Any]:
+    """Datasets with their transforms and the two loaders (pinned memory for CUDA)."""
+    pin_memory = device is not None and device.type == "cuda"
     bundle = build_datasets(
         config.data,
         per_class=config.per_class,
@@ -104,6 +107,7 @@ def build_data(config: RunConfig) -> tuple[DataBundle, Any, Any]:
         training=True,
         workers=config.workers,
         seed=config.seed,
+        pin_memory=pin_memory,
     )
     val_loader = build_loader(
         TransformedDataset(bundle.val, eval_transform),
@@ -111,6 +115,7 @@ def build_data(config: RunConfig) -> tuple[DataBundle, Any, Any]:
         training=False,
         workers=config.workers,
         seed=config.seed,
+        pin_memory=pin_memory,
     )
     return bundle, train_loader, val_loader
 
@@ -172,7 +177,7 @@ def _train(
     recorded_cycle: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     device = select_device(config.device)
-    bundle, train_loader, val_loader = build_data(config)
+    bundle, train_loader, val_loader = build_data(config, device)
     timm.utils.random_seed(config.seed)
     # the task checks model names and checkpoints: a bad one must not leave a run folder
     task = build_task(bundle)
