@@ -25,6 +25,13 @@ CLIP_MODES = ("norm", "value", "agc")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 BAD_IMAGE_POLICIES = ("fail", "skip")
+# what a resumed run may change: none of them moves the schedule, the data order or the
+# weights (a moved --data folder is checked against the checkpoint's classes and steps)
+RESUME_CHANGEABLE = (
+    "resume", "data", "device", "workers", "log_interval", "checkpoint_every", "keep_last",
+    "skip_nonfinite",
+)  # fmt: skip
+FEATURE_LOSSES = ("mse", "at")  # the keys of gctkd.losses.FEATURE_LOSSES
 
 
 def _setting(default: Any, help: str, commands: tuple[str, ...] = COMMANDS, **extra: Any) -> Any:
@@ -55,6 +62,10 @@ class RunConfig:
     bad_images: str = _setting("fail", "Corrupt image files: fail, or skip with a warning.",
                                choices=BAD_IMAGE_POLICIES)
     overwrite: bool = _setting(False, "Replace an existing run folder.", flag=True)
+    resume: str | None = _setting(
+        None, "Continue the run in folder RUN from RUN/last.pt, with the settings of "
+        "RUN/config.yaml (options that would change its schedule are refused)."
+    )
 
     # model and optimisation
     model: str | None = _setting(None, "timm model name (gctkd registers CIFAR ResNets/WRNs).")
@@ -62,6 +73,39 @@ class RunConfig:
         None, "Run folder or checkpoint to fine-tune.", ("finetune",), option="--from"
     )
     teacher: str | None = _setting(None, "Teacher run folder or checkpoint.", ("distill",))
+    teacher_model: str | None = _setting(
+        None, "timm name of a teacher given by --teacher-weights instead of --teacher.",
+        ("distill",),
+    )
+    teacher_weights: str | None = _setting(
+        None, "Local .safetensors or .pt/.pth state dict of --teacher-model (never code).",
+        ("distill",),
+    )
+    teacher_mean: str | None = _setting(
+        None, "R,G,B mean the --teacher-model was trained with; default: its timm config.",
+        ("distill",),
+    )
+    teacher_std: str | None = _setting(
+        None, "R,G,B std the --teacher-model was trained with; default: its timm config.",
+        ("distill",),
+    )
+    teacher_size: int | None = _setting(
+        None, "Input size in pixels of the --teacher-model; default: its timm config.",
+        ("distill",),
+    )
+    feature_layers: str | None = _setting(
+        None, "Match features at TEACHER:STUDENT layer pairs (tap indices or module names, "
+        "e.g. 1:1,2:2 or layer2:stages.1; 2,3 = same index on both); default: logits only.",
+        ("distill",),
+    )
+    feature_loss: str = _setting(
+        "mse", "Feature loss: mse (FitNets hints through connectors) or at (attention "
+        "transfer).", ("distill",), choices=FEATURE_LOSSES,
+    )
+    cache_teacher_logits: bool = _setting(
+        False, "Compute the teacher's logits once per training image and reuse them; trains "
+        "without augmentation and without --feature-layers.", ("distill",), flag=True,
+    )
     pretrained: bool = _setting(
         False, "Start from timm's pretrained weights (downloads them).", ("pretrain", "distill"),
         flag=True,
@@ -111,6 +155,16 @@ class RunConfig:
     ema_decay: float | None = _setting(None, "Keep an EMA of the weights with this decay.")
     workers: int = _setting(2, "Data-loader worker processes.")
     log_interval: int = _setting(10, "Optimizer steps between logged points.")
+    checkpoint_every: int = _setting(
+        0, "Also write last.pt every N optimizer steps (0: at the end of each epoch only)."
+    )
+    keep_last: int = _setting(
+        0, "Keep the K newest step-numbered checkpoints in RUN/checkpoints/ (0: last.pt only)."
+    )
+    skip_nonfinite: bool = _setting(
+        False, "Skip steps whose loss or gradient is not finite (counted) instead of stopping; "
+        "costs one device sync per step.", flag=True,
+    )
     seed: int = _setting(0, "Seed for weights, data split and order.")
 
     def knob_ranges(self) -> dict[str, KnobRange]:
@@ -223,6 +277,12 @@ def _validate(config: RunConfig) -> None:
         raise UserError(f"--lr must be > 0, got {config.lr}")
     if config.workers < 0:
         raise UserError(f"--workers must be >= 0, got {config.workers}")
+    for name in ("checkpoint_every", "keep_last"):
+        if getattr(config, name) < 0:
+            raise UserError(
+                f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got "
+                f"{getattr(config, name)}"
+            )
     if not 0.0 < config.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
     if config.per_class is not None and config.per_class < 1:
@@ -274,18 +334,86 @@ def cycle_window_bounds(config: RunConfig) -> tuple[float, float] | None:
     return start, end
 
 
+def _option_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("option") or "--" + f.name.replace("_", "-")
+
+
+def _recorded_settings(command: str, run: str) -> dict[str, Any]:
+    """The settings in ``RUN/config.yaml`` that ``command`` takes."""
+    folder = Path(run)
+    if not folder.is_dir():
+        raise UserError(
+            f"--resume '{run}' is not a folder: pass the --out folder of the run to continue"
+        )
+    path = folder / "config.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"--resume '{run}' is not a gctkd run folder (no config.yaml): pass the --out folder "
+            "of the run to continue"
+        )
+    recorded = load_yaml(path)
+    if recorded.get("command") != command:
+        raise UserError(
+            f"--resume '{run}' is a '{recorded.get('command')}' run: continue it with "
+            f"gctkd {recorded.get('command')} --resume {run}"
+        )
+    known = {f.name for f in fields_for(command)}
+    return {key: value for key, value in recorded.items() if key in known}
+
+
+def _resume_settings(command: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The recorded settings of the run to resume, with the allowed changes on top.
+
+    Every other setting given (on the command line or in a recipe) must equal the recorded
+    one: the knob schedule, the LR schedule and the data order are functions of them.
+    """
+    run = str(settings["resume"])
+    if settings.get("overwrite"):
+        raise UserError(
+            "--resume and --overwrite exclude each other: --resume continues the run in its "
+            "folder, --overwrite replaces a run; pass one of them"
+        )
+    out = settings.get("out")
+    if out is not None and Path(out).resolve() != Path(run).resolve():
+        raise UserError(
+            f"--out '{out}' differs from --resume '{run}': a resumed run writes into its own "
+            "folder; drop --out"
+        )
+    recorded = _recorded_settings(command, run)
+    fields = {f.name: f for f in fields_for(command)}
+    for name, value in settings.items():
+        if name in RESUME_CHANGEABLE or name in ("out", "overwrite"):
+            continue
+        f = fields[name]
+        before = recorded.get(name, f.default)
+        if _coerce(f, value) != _coerce(f, before):
+            shown = "off" if before is None else before
+            raise UserError(
+                f"{_option_name(f)} {value} differs from the run's {shown} ({run}/config.yaml): "
+                f"a resumed run keeps the settings its schedule was built with; drop "
+                f"{_option_name(f)}, or start a new run"
+            )
+    return {**recorded, **settings, "out": run, "overwrite": False}
+
+
 def resolve_config(
     command: str,
     yaml_settings: dict[str, Any] | None = None,
     cli_settings: dict[str, Any] | None = None,
     source: str = "config file",
 ) -> RunConfig:
-    """Merge defaults < YAML < command line into a checked RunConfig."""
+    """Merge defaults < YAML < command line into a checked RunConfig.
+
+    With ``resume``, the run's own ``config.yaml`` takes the place of the defaults and the
+    settings given may change only :data:`RESUME_CHANGEABLE` ones.
+    """
     yaml_settings = dict(yaml_settings or {})
     cli_settings = dict(cli_settings or {})
     _check_keys(command, yaml_settings, source)
     _check_keys(command, cli_settings, "command line")
     merged = {**yaml_settings, **cli_settings}
+    if merged.get("resume"):
+        merged = _resume_settings(command, merged)
     values = {}
     for f in fields_for(command):
         if f.name in merged:

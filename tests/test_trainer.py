@@ -206,3 +206,33 @@ def test_ema_is_evaluated_and_kept_apart(tmp_path):
     assert all(torch.equal(state["model"][k], ema_weights[k]) for k in ema_weights)
     assert all(torch.equal(state["raw_model"][k], raw_weights[k]) for k in raw_weights)
     assert not all(torch.equal(ema_weights[k], raw_weights[k]) for k in raw_weights)
+
+
+def test_frozen_teacher_is_untouched_by_feature_distillation(tmp_path):
+    teacher_model = _tiny_model()
+    teacher_model.train()
+    for images, _ in _loader():  # give BatchNorm non-trivial statistics
+        teacher_model(images)
+    teacher = FrozenTeacher(teacher_model, (0, 0, 0), (1, 1, 1), (0, 0, 0), (1, 1, 1))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, NUM_CLASSES),
+    )
+    # Sequential children by name, read with hooks (no feature_info); widths 4 -> 6 need connectors
+    task = DistillTask(student, teacher, {**_meta(), "image_size": 8},
+                       feature_layers=[(1, 1), (2, 2)])
+    config = resolve_config("distill", {"warmup_epochs": 0, "epochs": 1, "feature_weight": "1"})
+    schedule = KnobSchedule(CycleWindow(2.0), config.knob_ranges())
+    trainer = Trainer(task, schedule, config, _loader(12), _loader(12), tmp_path,
+                      torch.device("cpu"))
+    teacher.train()
+    trainer.trainable.train()
+    for images, targets in list(_loader(12))[:3]:
+        parts = trainer._train_step(images, targets, schedule.values(0.5))
+        assert set(parts) == {"loss", "label", "kd", "feature/1", "feature/2"}
+    teacher.train(True)
+    assert teacher.training is False and teacher.model.training is False
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())

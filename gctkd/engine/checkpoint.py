@@ -5,15 +5,24 @@ a version. It is written with ``torch.save`` to a temporary file beside the targ
 renamed, so a crash mid-save leaves the previous file intact, and read with
 ``torch.load(weights_only=True)``, which refuses any pickle that would build arbitrary
 objects or run code.
+
+A run folder holds ``last.pt`` (the full state: weights, EMA, optimizer, scaler, RNG states
+and the position in the epoch, what ``--resume`` reads), ``best.pt`` (the exported weights of
+the best validation epoch) and, with ``--keep-last K``, the K newest step-numbered copies of
+``last.pt`` in ``checkpoints/`` (hard links where the file system allows, else copies).
 """
 
 import logging
 import os
 import pickle
+import random
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gctkd.errors import UserError
@@ -21,9 +30,26 @@ from gctkd.errors import UserError
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "gctkd-checkpoint"
-CHECKPOINT_VERSION = 1
+# version 2 added the resume state (position in the epoch, RNG states) and "raw_model"
+CHECKPOINT_VERSION = 2
 BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"
+STEP_FOLDER = "checkpoints"
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def _fsync_folder(folder: Path) -> None:
+    # the rename is durable once the folder's entry is on disk; not every OS can open folders
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -37,10 +63,114 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise UserError(
+            f"cannot write checkpoint '{path}' ({error.strerror or error}); the previous one is "
+            "kept: free disk space or fix the folder's permissions, then --resume the run"
+        ) from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def step_checkpoint_path(run_dir: str | Path, global_step: int) -> Path:
+    """``RUN/checkpoints/step-<global_step>.pt``."""
+    return Path(run_dir) / STEP_FOLDER / f"step-{global_step:08d}.pt"
+
+
+def _replace_with_link(source: Path, target: Path) -> bool:
+    """Point ``target`` at ``source``'s data atomically; False where hard links fail."""
+    temporary = target.parent / f".{target.name}.{os.getpid()}.link"
+    try:
+        temporary.unlink(missing_ok=True)
+        os.link(source, temporary)
+        os.replace(temporary, target)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        return False
+    _fsync_folder(target.parent)
+    return True
+
+
+def prune_step_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest step-numbered checkpoints; returns the deleted."""
+    folder = Path(run_dir) / STEP_FOLDER
+    if not folder.is_dir():
+        return []
+    numbered = sorted(
+        (int(match.group(1)), entry)
+        for entry in folder.iterdir()
+        if (match := _STEP_FILE.match(entry.name))
+    )
+    doomed = [entry for _, entry in numbered[: max(len(numbered) - keep_last, 0)]]
+    for entry in doomed:
+        entry.unlink(missing_ok=True)
+        _logger.debug(f"removed old checkpoint {entry}")
+    return doomed
+
+
+def save_last(state: dict[str, Any], run_dir: str | Path, keep_last: int = 0) -> Path:
+    """Write ``RUN/last.pt``; with ``keep_last`` > 0 also a step-numbered copy, K kept.
+
+    The step file is written first (atomically) and ``last.pt`` then replaced by a hard link
+    to it, so a crash at any point leaves a loadable ``last.pt``: the old one or the new one.
+    """
+    run_dir = Path(run_dir)
+    last = run_dir / LAST_NAME
+    if keep_last <= 0:
+        return save_checkpoint(state, last)
+    step_path = step_checkpoint_path(run_dir, int(state["global_step"]))
+    step_path.parent.mkdir(exist_ok=True)
+    save_checkpoint(state, step_path)
+    if not _replace_with_link(step_path, last):
+        save_checkpoint(state, last)
+    prune_step_checkpoints(run_dir, keep_last)
+    return last
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """The random states of Python, NumPy, torch (and CUDA) as plain data and tensors."""
+    version, internal, gauss = random.getstate()
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    states: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "gauss": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the random states :func:`capture_rng_states` recorded."""
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = states["numpy"]
+    np.random.set_state((
+        "MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+        numpy["has_gauss"], numpy["gauss"],
+    ))  # fmt: skip
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The line of torch's refusal that names what was refused (a global, an opcode)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line[:160]
+    return "unsupported pickle content"
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = BEST_NAME, option: str = "--from") -> Path:
@@ -66,16 +196,22 @@ def load_checkpoint(path: str | Path, option: str = "--from") -> dict[str, Any]:
     """Read a gctkd checkpoint safely onto the CPU; a UserError for anything else."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it then refuses anyway; the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0][:160]
         raise UserError(
-            f"{option} '{path}' was refused: it holds objects other than tensors and plain data "
-            f"({reason}); only gctkd checkpoints are loaded, never code"
+            f"{option} '{path}' was refused: it is not made of tensors and plain data only "
+            f"({_refusal_reason(error)}) and gctkd never runs code from a file: pass the best.pt "
+            "or last.pt of a gctkd run"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - any failure to parse means "not a checkpoint"
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise UserError(f"{option} '{path}' is not a readable checkpoint ({reason})") from None
+        raise UserError(
+            f"{option} '{path}' is not a readable checkpoint ({reason}): pass the best.pt or "
+            "last.pt of a gctkd run"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
             f"{option} '{path}' is not a gctkd checkpoint: pass the best.pt or last.pt of a "

@@ -27,6 +27,10 @@ class Task:
         self.model = model
         self.meta = meta
 
+    def describe(self) -> list[str]:
+        """Lines for the setup block of the log (e.g. feature pairs and their connectors)."""
+        return []
+
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules whose parameters the optimizer updates; ``model`` first.
 

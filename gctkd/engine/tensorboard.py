@@ -15,10 +15,17 @@ class RunLogger:
     Args:
         run_dir: the run folder.
         flush_seconds: how often pending events reach the file.
+        purge_step: for a resumed run, the first step it logs: TensorBoard hides the events
+            at this step and later that the interrupted process wrote after its checkpoint,
+            so each step appears once.
     """
 
-    def __init__(self, run_dir: Path, flush_seconds: int = 10) -> None:
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=flush_seconds)
+    def __init__(
+        self, run_dir: Path, flush_seconds: int = 10, purge_step: int | None = None
+    ) -> None:
+        self.writer = SummaryWriter(
+            log_dir=str(run_dir / "tensorboard"), flush_secs=flush_seconds, purge_step=purge_step
+        )
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -37,3 +44,19 @@ class RunLogger:
         trace: TracebackType | None,
     ) -> None:
         self.writer.close()
+
+
+class NullLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def __enter__(self) -> "NullLogger":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass

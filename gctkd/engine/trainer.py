@@ -11,14 +11,32 @@ step never waits for the device except at the log interval: loss parts are summe
 device and read once per logged point. On CUDA the step runs under autocast (bf16, or
 fp16 with a gradient scaler) with channels_last; on the CPU the same code runs in fp32
 with the scaler and autocast disabled.
+
+Reliability, without a per-step wait:
+
+* Faults: each step folds "is the loss finite, are the gradients finite" into a device-side
+  record of the first faulty step, read with the loss means at the log interval and before
+  every checkpoint. A fault stops the run (:class:`~gctkd.errors.NumericalFault`) without
+  writing anything, so ``last.pt`` stays the last good state. ``--skip-nonfinite`` skips
+  such steps instead, at the price of one device read per step. With an fp16 gradient
+  scaler, infinite gradients are the scaler's business (it skips those steps itself) and
+  only the loss is checked.
+* Checkpoints: ``last.pt`` at every epoch end and every ``--checkpoint-every`` steps, with
+  the position in the epoch, the pending loss sums and the RNG states; SIGTERM writes one at
+  the end of the current step and stops (:class:`~gctkd.errors.Interrupted`).
+* Resume (:meth:`Trainer.load_state_dict`): weights (raw into the model, EMA into the EMA),
+  optimizer, scaler, progress and RNG states come back, the LR is recomputed from the step,
+  and the epoch's batches are replayed from ``(seed, epoch)`` skipping those already done.
+  On the CPU with ``--workers 0`` the resumed run is bit-identical to an uninterrupted one.
 """
 
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -30,11 +48,21 @@ from tqdm import tqdm
 
 from gctkd.config import RunConfig
 from gctkd.cycle import run_progress
-from gctkd.engine.checkpoint import BEST_NAME, LAST_NAME, save_checkpoint
+from gctkd.engine import distributed
+from gctkd.engine.checkpoint import (
+    BEST_NAME,
+    LAST_NAME,
+    capture_rng_states,
+    restore_rng_states,
+    save_checkpoint,
+    save_last,
+)
+from gctkd.engine.distributed import SINGLE, DistributedContext
 from gctkd.engine.metrics import EvalAccumulator
 from gctkd.engine.precision import Precision
 from gctkd.engine.task import Task
-from gctkd.engine.tensorboard import RunLogger
+from gctkd.engine.tensorboard import NullLogger, RunLogger
+from gctkd.errors import Interrupted, NumericalFault, UserError
 from gctkd.knobs import KnobSchedule
 
 _logger = logging.getLogger(__name__)
@@ -54,6 +82,8 @@ class Trainer:
         val_loader: validation batches, evaluated after every epoch.
         run_dir: where checkpoints, config and TensorBoard events go.
         device: where to train.
+        distributed_context: this process's place among several (rank 0 writes the run
+            folder); the default is a single process.
     """
 
     def __init__(
@@ -65,6 +95,7 @@ class Trainer:
         val_loader: DataLoader,
         run_dir: Path,
         device: torch.device,
+        distributed_context: DistributedContext = SINGLE,
     ) -> None:
         self.task = task
         self.schedule = schedule
@@ -73,10 +104,13 @@ class Trainer:
         self.val_loader = val_loader
         self.run_dir = run_dir
         self.device = device
+        self.dist = distributed_context
         self.precision = Precision(device, config.amp)
         task.to(device, self.precision.memory_format)
 
         self.trainable = nn.ModuleDict(task.trainable_modules())
+        for module in self.trainable.values():
+            distributed.synchronize_batch_norm(module, self.dist)
         self.optimizer = self._build_optimizer()
         self.steps_per_epoch = len(train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -98,11 +132,36 @@ class Trainer:
             if name in schedule.knobs and schedule.knobs[name].is_cyclical
         ]
 
+        # several processes: DDP over the trainable modules only (never a frozen teacher)
+        self._forward = (
+            distributed.wrap_training_forward(task, self.trainable, self.dist, device)
+            if self.dist.enabled
+            else None
+        )
+
         self.epoch = 0
         self.global_step = 0
+        self.epoch_step = 0  # batches of the current epoch already trained on
         self.best_top1 = -math.inf
         self.last_knobs = schedule.values(0.0)
         self.history: list[dict[str, Any]] = []
+        self.skipped_steps = 0
+        self.resumed_from: int | None = None
+        self._reset_epoch_sums()
+        # first faulty step (1-based, 0 = none) of [loss, gradients], kept on the device
+        self._fault = torch.zeros(2, device=device, dtype=torch.float64)
+        self._check_gradients = not self.precision.scaler.is_enabled()
+        self._stop_signal: int | None = None
+        self._stop_agreed = False
+        self._last_saved_step: int | None = None
+        self._resume_rng: list[dict[str, Any]] | None = None
+
+    def _reset_epoch_sums(self) -> None:
+        self._sums: torch.Tensor | None = None  # loss parts summed since the last log point
+        self._sums_steps = 0
+        self._part_names: list[str] = []
+        self._epoch_loss_sum = 0.0
+        self._epoch_points = 0
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         knobs = self.schedule.knobs
@@ -142,27 +201,99 @@ class Trainer:
             return run_progress(self.epoch, self.config.epochs)
         return run_progress(self.global_step, self.total_steps)
 
+    def knobs_at_step(self, step: int) -> dict[str, float]:
+        """The knob values in force at update ``step`` (1-based): a pure function of progress."""
+        if self.config.progress_unit == "epoch":
+            return self.schedule.values(
+                run_progress((step - 1) // self.steps_per_epoch, self.config.epochs)
+            )
+        return self.schedule.values(run_progress(step - 1, self.total_steps))
+
     def fit(self) -> dict[str, Any]:
-        """Train to the end; returns the summary written to ``summary.json``."""
+        """Train to the end; returns the summary written to ``summary.json``.
+
+        Raises:
+            NumericalFault: a non-finite loss, gradient or weight (nothing saved after it).
+            Interrupted: SIGTERM arrived; ``last.pt`` holds the state at the step it stopped.
+        """
         started = time.perf_counter()
         self._log_setup()
-        with RunLogger(self.run_dir) as run_logger:
-            self.run_logger = run_logger
-            while self.epoch < self.config.epochs:
-                epoch_started = time.perf_counter()
-                train_loss = self._train_epoch()
-                metrics = self.evaluate()
-                self.epoch += 1
-                self._end_epoch(metrics, train_loss, time.perf_counter() - epoch_started)
+        if self.dist.is_main:
+            if self.resumed_from is not None:
+                self._trim_metrics()
+            run_logger: Any = RunLogger(
+                self.run_dir,
+                purge_step=self.global_step + 1 if self.resumed_from is not None else None,
+            )
+        else:
+            run_logger = NullLogger()
+        previous_handler = self._catch_sigterm()
+        try:
+            with run_logger:
+                self.run_logger = run_logger
+                while self.epoch < self.config.epochs:
+                    epoch_started = time.perf_counter()
+                    train_loss = self._train_epoch()
+                    metrics = self.evaluate()
+                    self.epoch += 1
+                    self.epoch_step = 0
+                    self._end_epoch(metrics, train_loss, time.perf_counter() - epoch_started)
+                    if self._should_stop() and self.epoch < self.config.epochs:
+                        self._stop()
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         summary = {
             "epochs": self.epoch,
             "steps": self.global_step,
             "best_top1": self.best_top1,
             "final": self.history[-1] if self.history else {},
+            "skipped_steps": self.skipped_steps,
+            "resumed_from_step": self.resumed_from,
             "wall_seconds": time.perf_counter() - started,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _catch_sigterm(self) -> Any:
+        """Turn SIGTERM into "checkpoint at the end of this step, then stop"."""
+
+        def request_stop(signum: int, frame: Any) -> None:
+            # only a flag here: the loop saves and stops at the next step boundary
+            self._stop_signal = signum
+
+        try:
+            return signal.signal(signal.SIGTERM, request_stop)
+        except ValueError:  # not the main thread: signals stay with the caller
+            return None
+
+    def _should_stop(self) -> bool:
+        # several processes stop together, at a step they agreed on (see _read_device)
+        if self.dist.enabled:
+            return self._stop_agreed
+        return self._stop_signal is not None
+
+    def _stop(self) -> None:
+        raise Interrupted(
+            f"SIGTERM: stopped at step {self.global_step} (epoch {self.epoch + 1}, batch "
+            f"{self.epoch_step} of {self.steps_per_epoch}) after writing "
+            f"{self.run_dir / LAST_NAME}: continue with --resume {self.run_dir}"
+        )
+
+    def _trim_metrics(self) -> None:
+        """Drop the epochs an interrupted process logged after the checkpoint resumed from."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", 0) <= self.epoch
+        ]
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        temporary.replace(path)
 
     def _log_setup(self) -> None:
         _logger.info(
@@ -173,49 +304,125 @@ class Trainer:
         _logger.info(f"knobs: {self.schedule.describe()} (per {self.config.progress_unit})")
         _logger.info(f"writing to {self.run_dir} (tensorboard --logdir {self.run_dir})")
 
+    def _epoch_batches(self) -> Iterator[Any]:
+        """This epoch's batches, without the ``epoch_step`` ones already trained on."""
+        set_epoch = getattr(self.train_loader, "set_epoch", None)
+        if set_epoch is not None:
+            # the order is a pure function of (seed, epoch): resuming skips without loading
+            set_epoch(self.epoch, skip_batches=self.epoch_step)
+            batches = iter(self.train_loader)
+        else:
+            # a loader without epoch control: replay its batches and drop the done ones
+            batches = iter(self.train_loader)
+            for _ in range(self.epoch_step):
+                next(batches)
+        if self._resume_rng is not None:
+            # the random states of the moment the checkpoint was taken, right before the
+            # next batch is drawn (augmentations in the main process draw from them)
+            restore_rng_states(self._resume_rng[min(self.dist.rank, len(self._resume_rng) - 1)])
+            self._resume_rng = None
+        return batches
+
     def _train_epoch(self) -> float:
         self.trainable.train()
-        sums: torch.Tensor | None = None
-        logged_steps = 0
-        part_names: list[str] = []
-        epoch_loss = 0.0
-        epoch_points = 0
+        if self.epoch_step == 0:
+            self._reset_epoch_sums()
         bar = tqdm(
             total=self.steps_per_epoch,
+            initial=self.epoch_step,
             desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
             leave=False,
             dynamic_ncols=True,
+            disable=not self.dist.is_main,
         )
-        for images, targets in self.train_loader:
+        for images, targets in self._epoch_batches():
             knobs = self.schedule.values(self.progress())
             parts = self._train_step(images, targets, knobs)
-            stacked = torch.stack([value.detach().float() for value in parts.values()])
-            sums = stacked if sums is None else sums + stacked
-            part_names = list(parts)
-            logged_steps += 1
+            if parts is not None:
+                stacked = torch.stack([value.detach().float() for value in parts.values()])
+                self._sums = stacked if self._sums is None else self._sums + stacked
+                self._part_names = list(parts)
+                self._sums_steps += 1
             self.last_knobs = knobs
             self.global_step += 1
+            self.epoch_step += 1
 
             last_of_run = self.global_step == self.total_steps
             if self.global_step % self.config.log_interval == 0 or self.global_step == 1 or (
                 last_of_run
             ):
-                means = dict(zip(part_names, (sums / logged_steps).tolist()))
-                self._log_step(means, knobs)
-                epoch_loss += means["loss"]
-                epoch_points += 1
-                bar.set_postfix(loss=f"{means['loss']:.4f}", xi=f"{knobs['xi']:.3f}")
-                sums, logged_steps = None, 0
+                means = self._read_device(with_means=True)
+                if means is not None:
+                    self._log_step(means, knobs)
+                    self._epoch_loss_sum += means["loss"]
+                    self._epoch_points += 1
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", xi=f"{knobs['xi']:.3f}")
             bar.update()
+
+            if self._should_stop():
+                bar.close()
+                self._save_last()
+                self._stop()
+            every = self.config.checkpoint_every
+            # the epoch's end writes last.pt anyway, after evaluation
+            if every and self.global_step % every == 0 and self.epoch_step < self.steps_per_epoch:
+                self._save_last()
         bar.close()
-        if sums is not None:
-            epoch_loss += (sums[0] / logged_steps).item()
-            epoch_points += 1
-        return epoch_loss / max(epoch_points, 1)
+        if self._sums is not None:
+            means = self._read_device(with_means=True)
+            self._epoch_loss_sum += means["loss"]
+            self._epoch_points += 1
+        return self._epoch_loss_sum / max(self._epoch_points, 1)
+
+    def _read_device(self, with_means: bool) -> dict[str, float] | None:
+        """One read from the device: loss means since the last read, the fault record and,
+        with several processes, everyone's stop request; raises on a fault.
+
+        Returns the means (averaged over the ranks), or None without pending sums.
+        """
+        with_means = with_means and self._sums is not None
+        pieces = [(self._sums / self._sums_steps).double()] if with_means else []
+        if self.dist.enabled:
+            if with_means:
+                distributed.all_reduce(pieces[0], self.dist)
+                pieces[0] /= self.dist.world_size
+            # the earliest fault of any rank, and whether any rank was asked to stop
+            faults = torch.where(self._fault > 0, self._fault, math.inf)
+            stop = faults.new_full((1,), -1.0 if self._stop_signal is not None else 0.0)
+            pieces.append(distributed.all_reduce(torch.cat([faults, stop]), self.dist, op="min"))
+        else:
+            pieces.append(self._fault)
+        values = torch.cat(pieces).tolist()
+        count = len(self._part_names) if with_means else 0
+        means, flags = values[:count], values[count:]
+        if self.dist.enabled:
+            self._stop_agreed = self._stop_agreed or flags[2] < 0
+            flags = [0.0 if math.isinf(flag) else flag for flag in flags[:2]]
+        if any(flags):
+            self._raise_fault(*flags)
+        if not with_means:
+            return None
+        self._sums, self._sums_steps = None, 0
+        return dict(zip(self._part_names, means))
+
+    def _raise_fault(self, loss_step: float, gradient_step: float, what: str = "") -> None:
+        candidates = [(int(loss_step), "loss"), (int(gradient_step), "gradient")]
+        step, what = min((c for c in candidates if c[0] > 0), default=(self.global_step, what))
+        knobs = ", ".join(f"{name} {value:.4g}" for name, value in self.knobs_at_step(step).items())
+        if self._last_saved_step is None:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = f"{self.run_dir / LAST_NAME} (step {self._last_saved_step}) is kept"
+        raise NumericalFault(
+            f"non-finite {what} at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}; "
+            f"{knobs}): stopped, {kept}; lower --lr or the hard knob values, clip with --clip, "
+            f"or --resume {self.run_dir} --skip-nonfinite to skip such steps"
+        )
 
     def _train_step(
         self, images: torch.Tensor, targets: torch.Tensor, knobs: dict[str, float]
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, torch.Tensor] | None:
+        """One update; returns the loss parts, or None for a step skipped as non-finite."""
         images = self.precision.images_to_device(images)
         targets = targets.to(self.device, non_blocking=True)
         # constants were written once at start; only cyclical knobs change per step
@@ -225,11 +432,25 @@ class Trainer:
             )
 
         with self.precision.autocast():
-            parts = self.task.training_loss(images, targets, knobs)
+            if self._forward is not None:
+                parts = self._forward(images, targets, knobs)
+            else:
+                parts = self.task.training_loss(images, targets, knobs)
         loss = parts["loss"]
 
         scaler = self.precision.scaler
         scaler.scale(loss).backward()
+        checks = self._finite_checks(loss)
+        if self.config.skip_nonfinite:
+            bad = (~torch.isfinite(checks)).float()
+            # every rank skips the same steps
+            distributed.all_reduce(bad, self.dist, op="max")
+            # the one device read per step that --skip-nonfinite costs
+            if bool(bad.any()):
+                self._skip_step(knobs, bad)
+                return None
+        else:
+            self._record_faults(checks)
         if self._clip is not None:
             # unscale first: the threshold is in real gradient units
             scaler.unscale_(self.optimizer)
@@ -242,6 +463,33 @@ class Trainer:
             self.ema.update(self.task.model, step=self.global_step)
         self.scheduler.step_update(num_updates=self.global_step + 1)
         return parts
+
+    def _finite_checks(self, loss: torch.Tensor) -> torch.Tensor:
+        """``[loss, largest |gradient|]`` on the device (the loss alone under an fp16 scaler)."""
+        loss = loss.detach().float().reshape(1)
+        if not self._check_gradients:
+            return loss
+        gradients = [p.grad for p in self._clip_parameters if p.grad is not None]
+        if not gradients:
+            return loss
+        peaks = torch._foreach_norm(gradients, float("inf"))
+        return torch.cat([loss, torch.stack(peaks).max().reshape(1).float()])
+
+    def _record_faults(self, checks: torch.Tensor) -> None:
+        # first faulty step of each kind, updated on the device: no wait
+        first = self._fault[: checks.numel()]
+        first.add_(((first == 0) & ~torch.isfinite(checks)) * (self.global_step + 1))
+
+    def _skip_step(self, knobs: dict[str, float], bad: torch.Tensor) -> None:
+        step = self.global_step + 1
+        self.skipped_steps += 1
+        kinds = [name for name, flag in zip(("loss", "gradient"), bad.tolist()) if flag]
+        _logger.warning(
+            f"skipped step {step}: non-finite {' and '.join(kinds)} (xi {knobs['xi']:.3f}); "
+            f"{self.skipped_steps} skipped so far"
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step_update(num_updates=step)
 
     def _log_step(self, means: dict[str, float], knobs: dict[str, float]) -> None:
         step = self.global_step
@@ -273,10 +521,30 @@ class Trainer:
             for name, value in self.task.validation_extras(images, logits).items():
                 extras[name] = extras.get(name, 0) + value.double()
         model.train(was_training)
+        if self.dist.enabled:
+            self._reduce_evaluation(accumulator, extras)
         metrics = accumulator.compute()
         count = max(accumulator.count.item(), 1)
         metrics.update({name: 100.0 * value.item() / count for name, value in extras.items()})
         return {f"{prefix}/{name}": value for name, value in metrics.items()}
+
+    def _reduce_evaluation(
+        self, accumulator: EvalAccumulator, extras: dict[str, torch.Tensor]
+    ) -> None:
+        """Sum each rank's share of the validation set into the whole set's sums."""
+        names = sorted(extras)
+        scalars = [accumulator.count, accumulator.top1, accumulator.top5, accumulator.loss]
+        packed = torch.cat(
+            [torch.stack(scalars), accumulator.bins.flatten()]
+            + [extras[name].reshape(1).to(self.device) for name in names]
+        )
+        distributed.all_reduce(packed, self.dist)
+        for index, tensor in enumerate(scalars):
+            tensor.copy_(packed[index])
+        size = accumulator.bins.numel()
+        accumulator.bins.copy_(packed[4 : 4 + size].view_as(accumulator.bins))
+        for offset, name in enumerate(names):
+            extras[name] = packed[4 + size + offset]
 
     def _end_epoch(self, metrics: dict[str, float], train_loss: float, seconds: float) -> None:
         self.run_logger.scalars({**metrics, "train/epoch_loss": train_loss}, self.global_step)
@@ -285,15 +553,16 @@ class Trainer:
         record = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss,
                   "xi": self.last_knobs["xi"], "seconds": seconds, **metrics}
         self.history.append(record)
-        with open(self.run_dir / "metrics.jsonl", "a") as stream:
-            stream.write(json.dumps(record) + "\n")
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as stream:
+                stream.write(json.dumps(record) + "\n")
 
         improved = metrics[score_key] > self.best_top1
         if improved:
             self.best_top1 = metrics[score_key]
-        self._save(LAST_NAME, metrics)
+        self._save_last()
         if improved:
-            self._save(BEST_NAME, metrics)
+            self._save_best()
         _logger.info(
             f"epoch {self.epoch}/{self.config.epochs}: train loss {train_loss:.4f}, "
             f"val top1 {metrics['val/top1']:.2f} top5 {metrics['val/top5']:.2f} "
@@ -302,15 +571,19 @@ class Trainer:
         )
 
     def state_dict(self, with_optimizer: bool = True) -> dict[str, Any]:
-        """Plain-data checkpoint of the run at the current epoch boundary."""
+        """Plain-data checkpoint of the run where it stands (mid-epoch included).
+
+        With ``with_optimizer`` it holds everything :meth:`load_state_dict` needs to resume:
+        optimizer, scaler, the position in the epoch, the pending loss sums and the RNG
+        states of every rank. With several processes every rank must call it (the RNG
+        states are gathered to rank 0).
+        """
         window = self.schedule.window
-        progress_done = run_progress(
-            *(
-                (self.epoch - 1, self.config.epochs)
-                if self.config.progress_unit == "epoch"
-                else (self.global_step - 1, self.total_steps)
-            )
-        )
+        # progress of the last update taken, i.e. where the cycle stands now
+        if self.config.progress_unit == "epoch":
+            progress_done = run_progress(self.epoch - 1, self.config.epochs)
+        else:
+            progress_done = run_progress(self.global_step - 1, self.total_steps)
         trainable = self.task.trainable_modules()
         state = {
             **self.task.meta,
@@ -336,12 +609,126 @@ class Trainer:
         if with_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
             state["scaler"] = self.precision.scaler.state_dict()
-        return state
-
-    def _save(self, name: str, metrics: dict[str, float]) -> None:
-        state = self.state_dict(with_optimizer=name == LAST_NAME)
+            state["resume"] = self._resume_state()
         if self.ema is not None:
             # the exported weights of a run with EMA are the EMA weights; raw ones stay apart
             state["raw_model"] = state["model"]
             state["model"] = state["ema"]
-        save_checkpoint(state, self.run_dir / name)
+        return state
+
+    def _resume_state(self) -> dict[str, Any]:
+        rng = capture_rng_states()
+        if self.dist.enabled:
+            gathered: list[Any] = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rng_states = gathered
+        else:
+            rng_states = [rng]
+        return {
+            "epoch_step": self.epoch_step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "world_size": self.dist.world_size,
+            "pending_sums": self._sums.detach().cpu() if self._sums is not None else None,
+            "pending_steps": self._sums_steps,
+            "part_names": list(self._part_names),
+            "epoch_loss_sum": self._epoch_loss_sum,
+            "epoch_points": self._epoch_points,
+            "skipped_steps": self.skipped_steps,
+            "history": [dict(record) for record in self.history],
+            "rng": rng_states,
+        }
+
+    def _check_before_save(self) -> None:
+        """Raise rather than save after a fault: the fault record, then the weights."""
+        self._read_device(with_means=False)
+        parameters = [p.detach() for p in self.trainable.parameters()]
+        peak = torch.stack(torch._foreach_norm(parameters, float("inf"))).max().reshape(1)
+        bad = (~torch.isfinite(peak)).float()
+        distributed.all_reduce(bad, self.dist, op="max")
+        if bool(bad.item()):
+            self._raise_fault(0, 0, what="weights")
+
+    def _save_last(self) -> None:
+        """``last.pt`` (and the step copies of --keep-last); never after a fault."""
+        self._check_before_save()
+        state = self.state_dict(with_optimizer=True)
+        if self.dist.is_main:
+            save_last(state, self.run_dir, self.config.keep_last)
+        self._last_saved_step = self.global_step
+        distributed.barrier(self.dist)
+
+    def _save_best(self) -> None:
+        # called right after _save_last, which checked for faults
+        state = self.state_dict(with_optimizer=False)
+        if self.dist.is_main:
+            save_checkpoint(state, self.run_dir / BEST_NAME)
+        distributed.barrier(self.dist)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a ``last.pt`` that :meth:`state_dict` wrote.
+
+        The raw weights go into the model and the EMA weights into the EMA; the optimizer,
+        scaler, progress, pending loss sums and RNG states come back; the LR is recomputed
+        from the step (timm schedules are functions of the update count).
+
+        Raises:
+            UserError: a checkpoint without resume state (best.pt, an older gctkd), or one
+                whose run does not fit this one (steps per epoch, weights).
+        """
+        resume = state.get("resume")
+        if resume is None or "optimizer" not in state:
+            raise UserError(
+                "the checkpoint has no resume state (a best.pt, or one written by an older "
+                "gctkd): resume from the last.pt of a run, or start a new run from it with "
+                "finetune --from"
+            )
+        for name, here in (("steps_per_epoch", self.steps_per_epoch),
+                           ("total_steps", self.total_steps)):
+            if int(resume[name]) != here:
+                raise UserError(
+                    f"the run had {resume[name]} {name.replace('_', ' ')} but this one has {here}: "
+                    "resume with the data, batch size and epochs the run started with"
+                )
+        try:
+            self.task.model.load_state_dict(state.get("raw_model", state["model"]))
+            if self.ema is not None:
+                if state.get("ema") is None:
+                    raise RuntimeError("the checkpoint holds no EMA weights")
+                self.ema.module.load_state_dict(state["ema"])
+            for name, module in self.trainable.items():
+                if name != "model":
+                    module.load_state_dict(state["helpers"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise UserError(f"the checkpoint does not fit this run ({detail})") from None
+        if state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.epoch_step = int(resume["epoch_step"])
+        self.best_top1 = float(state["best_top1"])
+        self.history = [dict(record) for record in resume["history"]]
+        self.skipped_steps = int(resume.get("skipped_steps", 0))
+        self.last_knobs = dict(state["cycle"]["knobs"])
+        pending = resume.get("pending_sums")
+        self._sums = pending.to(self.device) if pending is not None else None
+        self._sums_steps = int(resume["pending_steps"])
+        self._part_names = list(resume["part_names"])
+        self._epoch_loss_sum = float(resume["epoch_loss_sum"])
+        self._epoch_points = int(resume["epoch_points"])
+        self._resume_rng = list(resume["rng"])
+        if len(self._resume_rng) != self.dist.world_size:
+            _logger.warning(
+                f"the run had {len(self._resume_rng)} processes and this one "
+                f"{self.dist.world_size}: random augmentations will not repeat exactly"
+            )
+        self.scheduler.step_update(num_updates=self.global_step)
+        self.resumed_from = self.global_step
+        self._last_saved_step = self.global_step
+        _logger.info(
+            f"resuming at step {self.global_step} of {self.total_steps} (epoch "
+            f"{self.epoch + 1}, batch {self.epoch_step} of {self.steps_per_epoch})"
+        )

@@ -11,7 +11,11 @@ from gctkd.losses.feature import attention_transfer_loss, hint_loss
 from gctkd.losses.focal import CyclicalFocalLoss, cyclical_focal_loss
 from gctkd.losses.kd import kd_loss
 
+#: feature losses by their ``--feature-loss`` name: ``loss(student_feature, teacher_feature)``
+FEATURE_LOSSES = {"mse": hint_loss, "at": attention_transfer_loss}
+
 __all__ = [
+    "FEATURE_LOSSES",
     "CyclicalFocalLoss",
     "attention_transfer_loss",
     "cyclical_focal_loss",

@@ -1,7 +1,18 @@
-"""Models: timm creation, the CIFAR networks registered in timm, teacher wrapping."""
+"""Models: timm creation and weights, CIFAR networks in timm, feature taps, connectors, teachers."""
 
 from gctkd.models import cifar  # noqa: F401  (registers the CIFAR models with timm)
-from gctkd.models.factory import count_parameters, create_model
+from gctkd.models.factory import (
+    classifier_outputs,
+    count_parameters,
+    create_model,
+    load_weights_file,
+)
 from gctkd.models.teacher import FrozenTeacher
 
-__all__ = ["FrozenTeacher", "count_parameters", "create_model"]
+__all__ = [
+    "FrozenTeacher",
+    "classifier_outputs",
+    "count_parameters",
+    "create_model",
+    "load_weights_file",
+]

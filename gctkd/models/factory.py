@@ -1,4 +1,4 @@
-"""Model creation by timm name, with errors a user can act on.
+"""Model creation by timm name and weights files, with errors a user can act on.
 
 Every model comes from timm's registry; importing :mod:`gctkd.models` adds the CIFAR
 networks of :mod:`gctkd.models.cifar` to it. Nothing is downloaded unless the user asks
@@ -6,8 +6,14 @@ for ``pretrained`` weights.
 """
 
 import logging
+import pickle
+from pathlib import Path
+from typing import Any
 
+import safetensors
+import safetensors.torch
 import timm
+import torch
 from torch import nn
 
 from gctkd.errors import UserError, nearest_names
@@ -33,3 +39,68 @@ def create_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Mo
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _state_dict_in(loaded: Any, path: Path, option: str) -> dict[str, torch.Tensor]:
+    """The tensor dict of a loaded weights file: plain, or under a usual key."""
+    if isinstance(loaded, dict) and loaded.get("format") == "gctkd-checkpoint":
+        raise UserError(f"{option} '{path}' is a gctkd checkpoint: pass it as --teacher instead")
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
+        raise UserError(
+            f"{option} '{path}' does not hold a state dict (names -> tensors): save the "
+            "model's state_dict() with torch.save or safetensors"
+        )
+    weights = {}
+    for name, tensor in loaded.items():
+        while name.startswith(("module.", "_orig_mod.")):
+            name = name.split(".", 1)[1]
+        weights[name] = tensor
+    return weights
+
+
+def load_weights_file(
+    path: str | Path, option: str = "--teacher-weights"
+) -> dict[str, torch.Tensor]:
+    """A state dict from a local ``.safetensors`` or ``.pt``/``.pth``/``.bin`` file.
+
+    Files are read with safetensors or ``torch.load(weights_only=True)``: tensors and plain
+    data only, never code. ``module.`` and ``_orig_mod.`` prefixes (DDP, torch.compile) are
+    dropped; a dict holding the weights under ``state_dict_ema``, ``state_dict`` or
+    ``model`` is unpacked.
+
+    Raises:
+        UserError: a missing or unreadable file, or one that holds anything but weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{option} '{path}' does not exist: pass a .safetensors or .pt file")
+    try:
+        if path.suffix == ".safetensors":
+            loaded = safetensors.torch.load_file(str(path), device="cpu")
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0][:160]
+        raise UserError(
+            f"{option} '{path}' was refused: it holds objects other than tensors and plain data "
+            f"({reason}); save only the model's state_dict()"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, safetensors.SafetensorError) as error:
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise UserError(f"{option} '{path}' is not a readable weights file ({reason})") from None
+    return _state_dict_in(loaded, path, option)
+
+
+def classifier_outputs(model: nn.Module, weights: dict[str, torch.Tensor]) -> int | None:
+    """The class count a state dict's classifier was trained for, when timm names it."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    for name in names:
+        weight = weights.get(f"{name}.weight")
+        if weight is not None and weight.ndim >= 1:
+            return int(weight.shape[0])
+    return None

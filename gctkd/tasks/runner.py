@@ -8,6 +8,7 @@ to easy; distillation runs its own cycle (f_c = 2 by default, so the KD temperat
 mid-run).
 """
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -29,10 +30,18 @@ from gctkd.engine.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, resol
 from gctkd.engine.precision import select_device
 from gctkd.engine.trainer import Trainer
 from gctkd.errors import UserError
-from gctkd.knobs import KnobSchedule
-from gctkd.models import FrozenTeacher, count_parameters, create_model
+from gctkd.knobs import KnobSchedule, parse_knob
+from gctkd.models import (
+    FrozenTeacher,
+    classifier_outputs,
+    count_parameters,
+    create_model,
+    load_weights_file,
+)
+from gctkd.models.taps import parse_feature_layers
 from gctkd.tasks.classification import ClassificationTask
-from gctkd.tasks.distill import DistillTask
+from gctkd.tasks.distill import DEFAULT_FEATURE_WEIGHT, DistillTask
+from gctkd.tasks.logit_cache import IndexedTargets, TeacherLogitCache
 
 _logger = logging.getLogger(__name__)
 
@@ -76,6 +85,12 @@ def _attach_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def _eval_transform(config: RunConfig, bundle: DataBundle) -> Any:
+    return build_transform(
+        config.image_size, training=False, hflip=0.0, mean=bundle.mean, std=bundle.std
+    )
+
+
 def build_data(
     config: RunConfig, device: torch.device | None = None
 ) -> tuple[DataBundle, Any, Any]:
@@ -100,9 +115,14 @@ def build_data(
         config.image_size, training=True, hflip=hflip, auto_augment=config.auto_augment,
         re_prob=config.re_prob, **common,
     )
-    eval_transform = build_transform(config.image_size, training=False, hflip=0.0, **common)
+    eval_transform = _eval_transform(config, bundle)
+    train_set = TransformedDataset(bundle.train, train_transform)
+    if config.cache_teacher_logits:
+        # cached teacher logits need the same image of a sample every epoch: no augmentation,
+        # and targets that carry the sample index (gctkd.tasks.logit_cache)
+        train_set = TransformedDataset(IndexedTargets(bundle.train), eval_transform)
     train_loader = build_loader(
-        TransformedDataset(bundle.train, train_transform),
+        train_set,
         batch_size=config.batch_size,
         training=True,
         workers=config.workers,
@@ -193,6 +213,8 @@ def _train(
             f"model {task.meta['model_name']} ({count_parameters(task.model) / 1e6:.2f}M "
             f"parameters), {bundle.num_classes} classes, {config.image_size}px"
         )
+        for line in task.describe():
+            _logger.info(line)
         trainer = Trainer(task, schedule, config, train_loader, val_loader, run_dir, device)
         summary = trainer.fit()
         _logger.info(
@@ -243,35 +265,185 @@ def finetune(config: RunConfig) -> dict[str, Any]:
     return _train("finetune", config, build_task, recorded_cycle=state.get("cycle"))
 
 
-def distill(config: RunConfig) -> dict[str, Any]:
-    """Train a student from a frozen teacher with cyclical KD temperature and weights."""
-    if config.teacher is None:
-        raise UserError("distill needs --teacher RUN_OR_CKPT: the teacher run or checkpoint")
+def _channel_stats(text: str | None, option: str, positive: bool) -> tuple[float, ...] | None:
+    """``"0.5,0.5,0.5"`` (or a YAML list written as text) as three floats."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in str(text).strip("[]() ").split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if len(values) != 3 or (positive and min(values) <= 0):
+        constraint = "three numbers > 0" if positive else "three numbers"
+        raise UserError(f"{option} takes R,G,B as {constraint} (e.g. 0.5,0.5,0.5), got {text!r}")
+    return values
+
+
+def _check_teacher_options(config: RunConfig) -> None:
+    timm_options = {
+        "--teacher-weights": config.teacher_weights,
+        "--teacher-mean": config.teacher_mean,
+        "--teacher-std": config.teacher_std,
+        "--teacher-size": config.teacher_size,
+    }
+    if config.teacher is None and config.teacher_model is None:
+        raise UserError(
+            "distill needs a teacher: --teacher RUN_OR_CKPT (a gctkd run or checkpoint), or "
+            "--teacher-model NAME --teacher-weights FILE (a timm model and a local state dict)"
+        )
+    if config.teacher is not None:
+        given = [name for name, value in timm_options.items() if value is not None]
+        if config.teacher_model is not None or given:
+            extra = ", ".join((["--teacher-model"] if config.teacher_model else []) + given)
+            raise UserError(
+                f"{extra} describe a timm teacher and cannot go with --teacher, whose run "
+                "records its model, input size and normalisation: drop one of the two"
+            )
+    elif config.teacher_weights is None:
+        raise UserError(
+            f"--teacher-model {config.teacher_model} needs --teacher-weights FILE (a local "
+            ".safetensors or .pt state dict); nothing is downloaded"
+        )
+    if config.teacher_size is not None and config.teacher_size < 1:
+        raise UserError(f"--teacher-size must be >= 1, got {config.teacher_size}")
+
+
+def _checkpoint_teacher(config: RunConfig) -> tuple[dict[str, Any], Any]:
+    """``(record, build(bundle) -> FrozenTeacher)`` for ``--teacher RUN_OR_CKPT``."""
     path = resolve_checkpoint(config.teacher, prefer=BEST_NAME, option="--teacher")
     state = load_checkpoint(path, option="--teacher")
     source = f"--teacher '{path}'"
-    student_name = config.model or DEFAULT_MODEL["distill"]
 
-    def build_task(bundle: DataBundle) -> DistillTask:
+    def build(bundle: DataBundle) -> FrozenTeacher:
         if int(state["num_classes"]) != bundle.num_classes:
             raise UserError(
                 f"{source} predicts {state['num_classes']} classes but the data has "
                 f"{bundle.num_classes}: distil on the data the teacher was trained or "
                 "fine-tuned on"
             )
-        teacher_model = _model_from_checkpoint(state, source)
-        teacher = FrozenTeacher(
-            teacher_model,
+        return FrozenTeacher(
+            _model_from_checkpoint(state, source),
             student_mean=bundle.mean,
             student_std=bundle.std,
             teacher_mean=state.get("mean", bundle.mean),
             teacher_std=state.get("std", bundle.std),
             teacher_size=state.get("image_size"),
         )
+
+    return {"path": str(path), "model_name": state["model_name"]}, build
+
+
+def _timm_teacher(config: RunConfig) -> tuple[dict[str, Any], Any]:
+    """``(record, build(bundle) -> FrozenTeacher)`` for ``--teacher-model --teacher-weights``."""
+    name = config.teacher_model
+    weights = load_weights_file(config.teacher_weights, option="--teacher-weights")
+    mean = _channel_stats(config.teacher_mean, "--teacher-mean", positive=False)
+    std = _channel_stats(config.teacher_std, "--teacher-std", positive=True)
+    source = f"--teacher-weights '{config.teacher_weights}'"
+
+    def build(bundle: DataBundle) -> FrozenTeacher:
+        model = create_model(name, bundle.num_classes)
+        classes = classifier_outputs(model, weights)
+        if classes is not None and classes != bundle.num_classes:
+            raise UserError(
+                f"{source} is a {classes}-class {name} but the data has {bundle.num_classes} "
+                "classes: distil on the data the teacher was trained or fine-tuned on"
+            )
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as error:
+            detail = str(error).splitlines()[0][:200]
+            raise UserError(
+                f"{source} does not fit --teacher-model {name} ({detail}): pass the timm model "
+                "the weights were trained with"
+            ) from None
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        size = config.teacher_size or (cfg.get("input_size") or (None,))[-1]
+        return FrozenTeacher(
+            model,
+            student_mean=bundle.mean,
+            student_std=bundle.std,
+            teacher_mean=mean or tuple(cfg.get("mean", bundle.mean)),
+            teacher_std=std or tuple(cfg.get("std", bundle.std)),
+            teacher_size=size,
+        )
+
+    return {"weights": str(config.teacher_weights), "model_name": name}, build
+
+
+def _feature_settings(config: RunConfig) -> tuple[RunConfig, list[tuple[Any, Any]]]:
+    """The layer pairs, and the config with the default feature weight filled in."""
+    if config.feature_layers is None:
+        if config.feature_weight is not None:
+            raise UserError(
+                "--feature-weight needs --feature-layers: say which teacher and student layers "
+                "to match (e.g. --feature-layers 1,2,3)"
+            )
+        return config, []
+    pairs = parse_feature_layers(config.feature_layers)
+    if config.feature_weight is None:
+        default = DEFAULT_FEATURE_WEIGHT[config.feature_loss]
+        config = dataclasses.replace(config, feature_weight=parse_knob("feature_weight", default))
+    return config, pairs
+
+
+def _check_logit_cache(config: RunConfig, pairs: list[tuple[Any, Any]]) -> None:
+    if not config.cache_teacher_logits:
+        return
+    augmenting = [
+        option
+        for option, on in (
+            ("--hflip", bool(config.hflip)),
+            ("--auto-augment", bool(config.auto_augment)),
+            ("--re-prob", config.re_prob > 0),
+        )
+        if on
+    ]
+    if augmenting:
+        raise UserError(
+            f"--cache-teacher-logits needs the same image of a sample every epoch, but "
+            f"{', '.join(augmenting)} augment the training images: drop them or the cache"
+        )
+    if pairs:
+        raise UserError(
+            "--cache-teacher-logits cannot go with --feature-layers: feature matching runs the "
+            "teacher on every batch anyway; drop one of the two"
+        )
+
+
+def distill(config: RunConfig) -> dict[str, Any]:
+    """Train a student from a frozen teacher with cyclical KD temperature and weights.
+
+    The teacher is a gctkd run or checkpoint (``--teacher``) or a timm model with a local
+    weights file (``--teacher-model``, ``--teacher-weights``); ``--feature-layers`` adds
+    feature matching, ``--cache-teacher-logits`` reuses the teacher's logits of each image.
+    """
+    _check_teacher_options(config)
+    config, pairs = _feature_settings(config)
+    _check_logit_cache(config, pairs)
+    record, build_teacher = (
+        _checkpoint_teacher(config) if config.teacher is not None else _timm_teacher(config)
+    )
+    student_name = config.model or DEFAULT_MODEL["distill"]
+
+    def build_task(bundle: DataBundle) -> DistillTask:
+        teacher = build_teacher(bundle)
         student = create_model(student_name, bundle.num_classes, pretrained=config.pretrained)
         meta = _meta(config, "distill", student_name, bundle)
-        meta["teacher"] = {"path": str(path), "model_name": state["model_name"]}
-        return DistillTask(student, teacher, meta, focal_gammas(config), config.label_smoothing)
+        meta["teacher"] = dict(record)
+        cache = None
+        if config.cache_teacher_logits:
+            _logger.info("--cache-teacher-logits: training images are not augmented")
+            cache = TeacherLogitCache(
+                TransformedDataset(IndexedTargets(bundle.train), _eval_transform(config, bundle)),
+                batch_size=config.batch_size,
+                workers=config.workers,
+            )
+        return DistillTask(
+            student, teacher, meta, focal_gammas(config), config.label_smoothing,
+            feature_layers=pairs, feature_loss=config.feature_loss,
+            teacher_name=record["model_name"], logit_cache=cache,
+        )
 
     return _train("distill", config, build_task)
 
