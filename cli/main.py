@@ -6,7 +6,7 @@ import sys
 import click
 
 import gctkd
-from gctkd.errors import UserError
+from gctkd.errors import RunStopped, UserError
 from gctkd_cli.commands import distill, finetune, pretrain
 
 
@@ -36,12 +36,19 @@ cli.add_command(distill)
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2.
+
+    A run that stops on purpose says why in one line too: exit code 3 for a non-finite
+    loss, gradient or weight, 143 after SIGTERM (a checkpoint to ``--resume`` from is saved).
+    """
     try:
         cli.main(standalone_mode=False)
     except UserError as error:
         click.echo(f"gctkd: error: {error}", err=True)
         sys.exit(2)
+    except RunStopped as stopped:
+        click.echo(f"gctkd: stopped: {stopped}", err=True)
+        sys.exit(stopped.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:

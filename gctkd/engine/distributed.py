@@ -121,18 +121,13 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
-def share_error(error: UserError | None, context: DistributedContext) -> None:
-    """Raise rank 0's UserError on every rank, so no rank waits for one that gave up.
-
-    For checks only rank 0 makes (the run folder); every rank must call it.
-    """
-    if context.enabled:
-        message = [str(error) if error is not None else None]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is not None:
-            raise UserError(message[0])
-    elif error is not None:
-        raise error
+def broadcast_object(value: Any, context: DistributedContext) -> Any:
+    """Rank 0's ``value`` on every rank (for what only rank 0 decides: the run folder)."""
+    if not context.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _reduced_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:

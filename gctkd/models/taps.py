@@ -23,6 +23,9 @@ dropped. A DDP-wrapped model is always run through the wrapper (with hooks), so 
 synchronisation still happens. An unknown layer, a layer that never runs, or one whose
 output is not a ``[B, C, H, W]`` map is a :class:`~gctkd.errors.UserError` at start.
 
+FIXME: a ``torch.compile``'d model is tapped through its uncompiled module (``_orig_mod``):
+feature distillation runs the student eagerly and loses the compile speed-up.
+
 NOTE: a hook keeps the module's output tensor itself, not a copy. A later in-place operation
 on that tensor (an in-place activation right after a hooked norm layer) changes what the tap
 holds; tap the activation instead, or a stage output (what ``feature_info`` lists).

@@ -15,6 +15,9 @@ hints (``mse``, Romero et al. 2015) through trained connectors, or attention tra
 as its own part ``feature/<student layer>``. The student gives its logits and its features
 in one forward pass; the teacher runs once per batch without autograd, in evaluation mode,
 in the trainer's autocast dtype, and its features are detached.
+
+FIXME: one feature loss per run (``mse`` or ``at``) and one weight for all its layers;
+mixing both losses or weighting layers apart needs a weight per (loss, layer) pair.
 """
 
 import logging

@@ -14,6 +14,9 @@ The table is filled on the first training step: one pass of the teacher over the
 set in order, on the training device and in the step's autocast dtype, so cached and
 uncached runs see the same teacher logits. The fill costs one teacher pass over the data
 (about the teacher share of one epoch); each later step saves its teacher forward.
+
+FIXME: the table lives in memory only: a resumed run fills it again, and under DDP every rank
+would fill the whole table instead of its shard.
 """
 
 import logging

@@ -21,12 +21,20 @@ import yaml
 from torch import nn
 
 import gctkd
-from gctkd.config import RunConfig, cycle_window_bounds, focal_gammas
+from gctkd.config import RESUME_CHANGEABLE, RunConfig, cycle_window_bounds, focal_gammas
 from gctkd.cycle import CycleWindow, continuation_window
 from gctkd.data.datasets import DataBundle, build_datasets
 from gctkd.data.loader import build_loader
 from gctkd.data.transforms import TransformedDataset, build_transform
-from gctkd.engine.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, resolve_checkpoint
+from gctkd.engine import distributed
+from gctkd.engine.checkpoint import (
+    BEST_NAME,
+    LAST_NAME,
+    STEP_FOLDER,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from gctkd.engine.distributed import SINGLE, DistributedContext
 from gctkd.engine.precision import select_device
 from gctkd.engine.trainer import Trainer
 from gctkd.errors import UserError
@@ -85,6 +93,12 @@ def _attach_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def _close_file_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("gctkd").removeHandler(handler)
+        handler.close()
+
+
 def _eval_transform(config: RunConfig, bundle: DataBundle) -> Any:
     return build_transform(
         config.image_size, training=False, hflip=0.0, mean=bundle.mean, std=bundle.std
@@ -92,10 +106,23 @@ def _eval_transform(config: RunConfig, bundle: DataBundle) -> Any:
 
 
 def build_data(
-    config: RunConfig, device: torch.device | None = None
+    config: RunConfig,
+    device: torch.device | None = None,
+    context: DistributedContext = SINGLE,
 ) -> tuple[DataBundle, Any, Any]:
-    """Datasets with their transforms and the two loaders (pinned memory for CUDA)."""
+    """Datasets with their transforms and the two loaders (pinned memory for CUDA).
+
+    With several processes each loader yields this rank's part: ``batch_size / world_size``
+    images of every training batch and a share of the validation set.
+    """
     pin_memory = device is not None and device.type == "cuda"
+    if config.batch_size % context.world_size:
+        raise UserError(
+            f"--batch-size {config.batch_size} does not divide among {context.world_size} "
+            f"processes: pass a multiple of {context.world_size}"
+        )
+    rank_batch = config.batch_size // context.world_size
+    ranks = {"rank": context.rank, "world_size": context.world_size}
     bundle = build_datasets(
         config.data,
         per_class=config.per_class,
@@ -123,19 +150,27 @@ def build_data(
         train_set = TransformedDataset(IndexedTargets(bundle.train), eval_transform)
     train_loader = build_loader(
         train_set,
-        batch_size=config.batch_size,
+        batch_size=rank_batch,
         training=True,
         workers=config.workers,
         seed=config.seed,
         pin_memory=pin_memory,
+        **ranks,
     )
+    val_share = len(range(context.rank, len(bundle.val), context.world_size))
+    if val_share == 0:
+        raise UserError(
+            f"{len(bundle.val)} validation images cannot be shared by {context.world_size} "
+            "processes: use more validation images or fewer processes"
+        )
     val_loader = build_loader(
         TransformedDataset(bundle.val, eval_transform),
-        batch_size=min(config.batch_size, len(bundle.val)),
+        batch_size=min(rank_batch, val_share),
         training=False,
         workers=config.workers,
         seed=config.seed,
         pin_memory=pin_memory,
+        **ranks,
     )
     return bundle, train_loader, val_loader
 
@@ -190,24 +225,126 @@ def _model_from_checkpoint(
     return model
 
 
+def _load_resume_state(command: str, config: RunConfig) -> dict[str, Any]:
+    """``RUN/last.pt`` of the run to resume, checked against ``RUN/config.yaml``."""
+    run_dir = Path(config.resume)
+    path = run_dir / LAST_NAME
+    if not path.is_file():
+        raise UserError(
+            f"--resume '{run_dir}' holds no {LAST_NAME}: the run stopped before its first "
+            "checkpoint; start it again (--overwrite replaces the folder)"
+        )
+    state = load_checkpoint(path, option="--resume")
+    if state.get("command") != command:
+        raise UserError(
+            f"--resume '{path}' was written by 'gctkd {state.get('command')}', not "
+            f"'gctkd {command}'"
+        )
+    recorded = state.get("config") or {}
+    current = config.to_dict()
+    ignored = set(RESUME_CHANGEABLE) | {"out", "overwrite"}
+    edited = sorted(k for k in recorded if k in current and k not in ignored
+                    and recorded[k] != current[k])  # fmt: skip
+    if edited:
+        name = edited[0]
+        raise UserError(
+            f"{run_dir / 'config.yaml'} says {name}={current[name]!r} but {LAST_NAME} was trained "
+            f"with {recorded[name]!r} (and {len(edited) - 1} more differ): the file was edited "
+            "since; restore it to resume the run"
+        )
+    return state
+
+
+def _check_resume_fits(state: dict[str, Any], meta: dict[str, Any], run_dir: Path) -> None:
+    for key, what in (("model_name", "model"), ("class_names", "classes")):
+        if state.get(key) != meta.get(key):
+            raise UserError(
+                f"--resume '{run_dir}': the run's {what} {state.get(key)!r} differ from this "
+                f"one's {meta.get(key)!r}: resume with the data and model the run started with"
+            )
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files of a save that a kill interrupted (the finished files are intact)."""
+    for folder in (run_dir, run_dir / STEP_FOLDER):
+        if folder.is_dir():
+            for entry in folder.glob(".*.pt.*"):
+                if entry.suffix in (".tmp", ".link"):
+                    entry.unlink(missing_ok=True)
+
+
+def _default_run_dir(config: RunConfig, command: str) -> Path:
+    if config.out:
+        return Path(config.out)
+    return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _train(
     command: str,
     config: RunConfig,
     build_task: Any,
     recorded_cycle: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    device = select_device(config.device)
-    bundle, train_loader, val_loader = build_data(config, device)
+    context, device = distributed.setup(select_device(config.device))
+    try:
+        return _train_here(context, device, command, config, build_task, recorded_cycle)
+    finally:
+        distributed.teardown(context)
+
+
+def _train_here(
+    context: DistributedContext,
+    device: torch.device,
+    command: str,
+    config: RunConfig,
+    build_task: Any,
+    recorded_cycle: dict[str, Any] | None,
+) -> dict[str, Any]:
+    resume_state = _load_resume_state(command, config) if config.resume else None
+    bundle, train_loader, val_loader = build_data(config, device, context)
     timm.utils.random_seed(config.seed)
     # the task checks model names and checkpoints: a bad one must not leave a run folder
     task = build_task(bundle)
-    run_dir = prepare_run_dir(config.out, command, config.overwrite)
-    handler = _attach_file_log(run_dir)
-    try:
+    if context.enabled:
+        # the same initial weights everywhere (DDP broadcasts them anyway), then each rank
+        # its own random stream for the augmentations made in this process
+        timm.utils.random_seed(config.seed, context.rank)
+    if resume_state is not None:
+        run_dir = Path(config.resume)
+        _check_resume_fits(resume_state, task.meta, run_dir)
+        window = CycleWindow.from_state_dict(resume_state["cycle"])
+    else:
+        # rank 0 names the folder (the default name holds the time)
+        run_dir = Path(distributed.broadcast_object(str(_default_run_dir(config, command)), context))
         window = _window(config, command, recorded_cycle)
-        schedule = KnobSchedule(window, config.knob_ranges(), extra_xi_tags=task.xi_driven)
-        resolved = {"command": command, **config.to_dict(), "out": str(run_dir)}
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    schedule = KnobSchedule(window, config.knob_ranges(), extra_xi_tags=task.xi_driven)
+    trainer = Trainer(
+        task, schedule, config, train_loader, val_loader, run_dir, device, context
+    )
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        del resume_state
+
+    # the checks are done: from here on the run folder is written (by rank 0)
+    fresh = config.resume is None
+    existed = run_dir.is_dir()
+    message = None
+    if context.is_main:
+        try:
+            if fresh:
+                prepare_run_dir(str(run_dir), command, config.overwrite)
+            else:
+                _remove_stale_temporaries(run_dir)
+        except UserError as error:
+            message = str(error)
+    message = distributed.broadcast_object(message, context)
+    if message is not None:
+        raise UserError(message)
+    handler = _attach_file_log(run_dir) if context.is_main else None
+    try:
+        if fresh and context.is_main:
+            resolved = {"command": command, **config.to_dict(), "out": str(run_dir)}
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         _logger.info(f"gctkd {command} {gctkd.__version__}: {bundle.description}")
         _logger.info(
             f"model {task.meta['model_name']} ({count_parameters(task.model) / 1e6:.2f}M "
@@ -215,16 +352,24 @@ def _train(
         )
         for line in task.describe():
             _logger.info(line)
-        trainer = Trainer(task, schedule, config, train_loader, val_loader, run_dir, device)
         summary = trainer.fit()
         _logger.info(
             f"done in {summary['wall_seconds']:.1f}s: best val top1 {summary['best_top1']:.2f}; "
             f"checkpoints {run_dir / BEST_NAME}, {run_dir / LAST_NAME}"
         )
         return summary
+    except UserError:
+        # a new run that failed before its first checkpoint (an undecodable image, say)
+        # leaves no folder behind, so the same command runs again once the cause is fixed
+        if fresh and context.is_main and not (run_dir / LAST_NAME).exists():
+            _close_file_log(handler)
+            handler = None
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if existed:
+                run_dir.mkdir(exist_ok=True)
+        raise
     finally:
-        logging.getLogger("gctkd").removeHandler(handler)
-        handler.close()
+        _close_file_log(handler)
 
 
 def pretrain(config: RunConfig) -> dict[str, Any]:
