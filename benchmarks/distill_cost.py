@@ -88,7 +88,7 @@ def measure(args: argparse.Namespace, out: str) -> dict[str, Any]:
     actions = {name: step(name) for name in trainers}
     actions["teacher"] = lambda: teacher(images)
     for action in actions.values():  # warm-up: allocator, autograd, optimizer state
-        for _ in range(2):
+        for _ in range(min(2, args.repetitions)):
             action()
 
     seconds: dict[str, list[float]] = {name: [] for name in actions}
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="/tmp/gctkd-distill-cost", help="scratch run folder")
     args = parser.parse_args(argv)
     if args.quick:
-        args.teacher, args.student = "resnet20", "resnet8x4"
-        args.batch_size, args.image_size, args.repetitions, args.steps = 8, 16, 3, 1
+        args.teacher, args.student = "resnet20", "resnet20"
+        args.batch_size, args.image_size, args.repetitions, args.steps = 4, 8, 2, 1
 
     started = time.perf_counter()
     result = measure(args, args.out)

@@ -199,6 +199,7 @@ def measure_step(args: argparse.Namespace) -> dict[str, Any]:
                 minimal.step(images, targets)
 
         def gctkd_epoch() -> None:
+            trainer.epoch_step = 0  # as fit() does between epochs
             trainer._train_epoch()
 
         with RunLogger(Path(run_dir)) as run_logger:

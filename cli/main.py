@@ -10,10 +10,26 @@ from gctkd.errors import RunStopped, UserError
 from gctkd_cli.commands import distill, finetune, pretrain
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record, not at creation.
+
+    The command may run several times in one process (tests, notebooks) with stderr
+    swapped in between; a handler holding the first stream would write to a closed one.
+    """
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging() -> None:
     logger = logging.getLogger("gctkd")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)

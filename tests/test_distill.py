@@ -238,7 +238,7 @@ def test_cross_family_feature_distillation_end_to_end(cifar_dir, timm_teacher, t
         "--teacher-size", "64", "--teacher-mean", "0.5,0.5,0.5", "--teacher-std", "0.25,0.25,0.25",
         "--data", str(cifar_dir), "--out", str(out), "--model", "test_efficientnet",
         "--feature-layers", "layer1:1,2:3", "--kd-weight", "0.5:0.9", "--label-weight", "0.5:0.1",
-        "--kd-temperature", "1:4", *COMMON,
+        "--kd-temperature", "1:4", *COMMON, "--per-class", "12", "--val-per-class", "3",
     )
     assert result.returncode == 0, result.stderr
     log = (out / "train.log").read_text()

@@ -13,9 +13,12 @@ process with the whole batch size would draw (see :class:`EpochSampler`).
 
 NOTE: with ``workers=0`` the augmentations run in the main process and draw from its global
 random state, so reproducing them also needs the caller to seed ``random`` and ``torch`` (the
-trainer checkpoints those states). Persistent workers keep their random streams across epochs,
-so after a resume with ``workers > 0`` the batches are the same but their random augmentations
-are new draws.
+trainer checkpoints those states).
+
+FIXME: after a resume with ``workers > 0`` the batches are the same but their random
+augmentations are new draws: persistent workers keep their random streams across epochs and
+a resumed process starts fresh ones. Bit-exact resume with workers needs augmentation seeds
+that are a function of (seed, epoch, sample index), set per sample in the dataset wrapper.
 """
 
 import logging
@@ -57,9 +60,12 @@ def _worker_message(error: UserError) -> str | None:
     return None
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed for one epoch, a pure function of the run's seed and the epoch."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)
+def epoch_seed(seed: int, epoch: int, *stream: int) -> int:
+    """A 63-bit seed for one epoch: a pure function of the run's seed, the epoch and ``stream``.
+
+    ``stream`` holds numbers that tell independent uses apart (the worker seeds of one rank).
+    """
+    state = np.random.SeedSequence([seed, epoch, *stream]).generate_state(1, dtype=np.uint64)
     return int(state[0] >> np.uint64(1))
 
 
@@ -143,7 +149,8 @@ class EpochLoader(DataLoader):
             raise TypeError("set_epoch needs a loader built by build_loader(training=True)")
         self.sampler.set_epoch(epoch, skip=skip_batches * self.batch_size)
         if self.generator is not None:
-            self.generator.manual_seed(epoch_seed(self.sampler.seed + 1, epoch))
+            # the worker seeds: their own stream, and one per rank
+            self.generator.manual_seed(epoch_seed(self.sampler.seed, epoch, 1, self.sampler.rank))
 
     def __iter__(self) -> Iterator[Any]:
         batches = super().__iter__()
@@ -220,7 +227,7 @@ def build_loader(
         drop_last = training and share > batch_size
 
     generator = torch.Generator()
-    generator.manual_seed(seed)
+    generator.manual_seed(seed + rank)
     _logger.debug(
         f"{kind} loader: {size} samples, batch {batch_size}, {workers} workers, "
         f"drop_last={drop_last}, seed {seed}, rank {rank}/{world_size}"

@@ -52,12 +52,24 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
+def _read_umask() -> int:
+    # read once at import, while no other thread creates files
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+# what open() would give; mkstemp's own files are private (0600) whatever the umask
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, _FILE_MODE)
         with os.fdopen(handle, "wb") as stream:
             torch.save(state, stream)
             stream.flush()
@@ -164,6 +176,13 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _is_pickle(path: Path) -> bool:
+    # a pickle of protocol 2 or later opens with the PROTO opcode; torch archives are zips
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+
+
 def _refusal_reason(error: Exception) -> str:
     """The line of torch's refusal that names what was refused (a global, an opcode)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -195,23 +214,31 @@ def resolve_checkpoint(path: str | Path, prefer: str = BEST_NAME, option: str = 
 def load_checkpoint(path: str | Path, option: str = "--from") -> dict[str, Any]:
     """Read a gctkd checkpoint safely onto the CPU; a UserError for anything else."""
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise UserError(f"{option} '{path}' is an empty file: pass the best.pt or last.pt of a run")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it then refuses anyway; the error says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise UserError(
-            f"{option} '{path}' was refused: it is not made of tensors and plain data only "
-            f"({_refusal_reason(error)}) and gctkd never runs code from a file: pass the best.pt "
-            "or last.pt of a gctkd run"
-        ) from None
+        if _is_pickle(path):
+            raise UserError(
+                f"{option} '{path}' was refused: it is not made of tensors and plain data only "
+                f"({_refusal_reason(error)}) and gctkd never runs code from a file: pass the "
+                "best.pt or last.pt of a gctkd run"
+            ) from None
+        reason = "neither a torch archive nor a pickle"
     except Exception as error:  # noqa: BLE001 - any failure to parse means "not a checkpoint"
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        first_line = (str(error).splitlines() or [""])[0]
+        reason = first_line.split(". ")[0][:160] or type(error).__name__
+    else:
+        reason = None
+    if reason is not None:
         raise UserError(
             f"{option} '{path}' is not a readable checkpoint ({reason}): pass the best.pt or "
             "last.pt of a gctkd run"
-        ) from None
+        )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
             f"{option} '{path}' is not a gctkd checkpoint: pass the best.pt or last.pt of a "

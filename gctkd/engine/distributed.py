@@ -23,6 +23,7 @@ What holds with several processes:
 """
 
 import functools
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -130,12 +131,28 @@ def broadcast_object(value: Any, context: DistributedContext) -> Any:
     return box[0]
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward sums the gradients over the ranks in turn."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> torch.Tensor:
+        total = gradient.clone()
+        dist.all_reduce(total)
+        return total
+
+
 def _reduced_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm in training mode with mean and variance over the batches of all ranks.
 
-    The per-channel sums of x and x^2 and the sample count are all-reduced with autograd's
-    all-reduce, whose backward all-reduces the gradients in turn, so each rank's gradient is
-    the one of the whole batch. Evaluation uses the running statistics as usual.
+    The per-channel sums of x and x^2 and the sample count are summed over the ranks by an
+    all-reduce whose backward sums the gradients in turn, so each rank's gradient is the one
+    of the whole batch. Evaluation uses the running statistics as usual.
     """
     if not module.training:
         return module._gctkd_local_forward(x)
@@ -143,7 +160,7 @@ def _reduced_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor
     dims = [0, *range(2, x.dim())]
     count = x.new_full((1,), x.numel() // channels)
     moments = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-    moments = torch.distributed.nn.functional.all_reduce(moments)
+    moments = _SumOverRanks.apply(moments)
     total = moments[-1]
     mean = moments[:channels] / total
     variance = (moments[channels : 2 * channels] / total - mean * mean).clamp_min(0)
@@ -213,5 +230,8 @@ def wrap_training_forward(
 
     forward = _TrainingForward(task, trainable)
     device_ids = [device.index] if device.type == "cuda" else None
-    # BatchNorm statistics are synchronised, so buffers agree without broadcasting them
-    return DistributedDataParallel(forward, device_ids=device_ids, broadcast_buffers=False)
+    # BatchNorm statistics are synchronised, so buffers agree without broadcasting them at
+    # every forward (the weights and buffers are still broadcast from rank 0 at the start)
+    options = inspect.signature(DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
+    return DistributedDataParallel(forward, device_ids=device_ids, **{name: False})

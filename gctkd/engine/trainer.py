@@ -303,6 +303,11 @@ class Trainer:
         )
         _logger.info(f"knobs: {self.schedule.describe()} (per {self.config.progress_unit})")
         _logger.info(f"writing to {self.run_dir} (tensorboard --logdir {self.run_dir})")
+        if self.resumed_from is not None:
+            _logger.info(
+                f"resuming at step {self.global_step} of {self.total_steps} (epoch "
+                f"{self.epoch + 1}, batch {self.epoch_step} of {self.steps_per_epoch})"
+            )
 
     def _epoch_batches(self) -> Iterator[Any]:
         """This epoch's batches, without the ``epoch_step`` ones already trained on."""
@@ -335,50 +340,61 @@ class Trainer:
             dynamic_ncols=True,
             disable=not self.dist.is_main,
         )
-        for images, targets in self._epoch_batches():
-            knobs = self.schedule.values(self.progress())
-            parts = self._train_step(images, targets, knobs)
-            if parts is not None:
-                stacked = torch.stack([value.detach().float() for value in parts.values()])
-                self._sums = stacked if self._sums is None else self._sums + stacked
-                self._part_names = list(parts)
-                self._sums_steps += 1
-            self.last_knobs = knobs
-            self.global_step += 1
-            self.epoch_step += 1
-
-            last_of_run = self.global_step == self.total_steps
-            if self.global_step % self.config.log_interval == 0 or self.global_step == 1 or (
-                last_of_run
-            ):
-                means = self._read_device(with_means=True)
-                if means is not None:
-                    self._log_step(means, knobs)
-                    self._epoch_loss_sum += means["loss"]
-                    self._epoch_points += 1
-                    bar.set_postfix(loss=f"{means['loss']:.4f}", xi=f"{knobs['xi']:.3f}")
-            bar.update()
-
-            if self._should_stop():
-                bar.close()
-                self._save_last()
-                self._stop()
-            every = self.config.checkpoint_every
-            # the epoch's end writes last.pt anyway, after evaluation
-            if every and self.global_step % every == 0 and self.epoch_step < self.steps_per_epoch:
-                self._save_last()
-        bar.close()
+        try:
+            for images, targets in self._epoch_batches():
+                knobs = self.schedule.values(self.progress())
+                self._accumulate(self._train_step(images, targets, knobs))
+                self.last_knobs = knobs
+                self.global_step += 1
+                self.epoch_step += 1
+                self._maybe_log(knobs, bar)
+                bar.update()
+                self._maybe_save_or_stop()
+        finally:
+            # also when a fault or SIGTERM ends the epoch: the error line starts clean
+            bar.close()
         if self._sums is not None:
             means = self._read_device(with_means=True)
             self._epoch_loss_sum += means["loss"]
             self._epoch_points += 1
         return self._epoch_loss_sum / max(self._epoch_points, 1)
 
-    def _read_device(self, with_means: bool) -> dict[str, float] | None:
-        """One read from the device: loss means since the last read, the fault record and,
-        with several processes, everyone's stop request; raises on a fault.
+    def _accumulate(self, parts: dict[str, torch.Tensor] | None) -> None:
+        # summed on the device; read at the next log point
+        if parts is None:
+            return
+        stacked = torch.stack([value.detach().float() for value in parts.values()])
+        self._sums = stacked if self._sums is None else self._sums + stacked
+        self._part_names = list(parts)
+        self._sums_steps += 1
 
-        Returns the means (averaged over the ranks), or None without pending sums.
+    def _maybe_log(self, knobs: dict[str, float], bar: tqdm) -> None:
+        step = self.global_step
+        if step % self.config.log_interval and step != 1 and step != self.total_steps:
+            return
+        means = self._read_device(with_means=True)
+        if means is None:  # every step since the last point was skipped
+            return
+        self._log_step(means, knobs)
+        self._epoch_loss_sum += means["loss"]
+        self._epoch_points += 1
+        bar.set_postfix(loss=f"{means['loss']:.4f}", xi=f"{knobs['xi']:.3f}")
+
+    def _maybe_save_or_stop(self) -> None:
+        if self._should_stop():
+            self._save_last()
+            self._stop()
+        every = self.config.checkpoint_every
+        # the epoch's end writes last.pt anyway, after evaluation
+        if every and self.global_step % every == 0 and self.epoch_step < self.steps_per_epoch:
+            self._save_last()
+
+    def _read_device(self, with_means: bool) -> dict[str, float] | None:
+        """One read from the device; raises NumericalFault when the fault record is set.
+
+        It reads the loss means since the last read, the fault record and, with several
+        processes, whether any rank was asked to stop. Returns the means (averaged over the
+        ranks), or None without pending sums.
         """
         with_means = with_means and self._sums is not None
         pieces = [(self._sums / self._sums_steps).double()] if with_means else []
@@ -407,7 +423,9 @@ class Trainer:
 
     def _raise_fault(self, loss_step: float, gradient_step: float, what: str = "") -> None:
         candidates = [(int(loss_step), "loss"), (int(gradient_step), "gradient")]
-        step, what = min((c for c in candidates if c[0] > 0), default=(self.global_step, what))
+        # a non-finite loss makes non-finite gradients too: name the loss then
+        found = [candidate for candidate in candidates if candidate[0] > 0]
+        step, what = min(found, key=lambda c: c[0]) if found else (self.global_step, what)
         knobs = ", ".join(f"{name} {value:.4g}" for name, value in self.knobs_at_step(step).items())
         if self._last_saved_step is None:
             kept = "no checkpoint was written yet"
@@ -699,7 +717,13 @@ class Trainer:
             for name, module in self.trainable.items():
                 if name != "model":
                     module.load_state_dict(state["helpers"][name])
+            decay_indices = [
+                index for index, group in enumerate(self.optimizer.param_groups)
+                if any(group is chosen for chosen in self._decay_groups)
+            ]
             self.optimizer.load_state_dict(state["optimizer"])
+            # loading makes new group dicts: CWD must write into those, chosen by position
+            self._decay_groups = [self.optimizer.param_groups[i] for i in decay_indices]
         except (RuntimeError, KeyError, ValueError) as error:
             detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             raise UserError(f"the checkpoint does not fit this run ({detail})") from None
@@ -728,7 +752,3 @@ class Trainer:
         self.scheduler.step_update(num_updates=self.global_step)
         self.resumed_from = self.global_step
         self._last_saved_step = self.global_step
-        _logger.info(
-            f"resuming at step {self.global_step} of {self.total_steps} (epoch "
-            f"{self.epoch + 1}, batch {self.epoch_step} of {self.steps_per_epoch})"
-        )

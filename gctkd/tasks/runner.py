@@ -240,6 +240,11 @@ def _load_resume_state(command: str, config: RunConfig) -> dict[str, Any]:
             f"--resume '{path}' was written by 'gctkd {state.get('command')}', not "
             f"'gctkd {command}'"
         )
+    if int(state.get("epoch", 0)) >= config.epochs:
+        raise UserError(
+            f"--resume '{run_dir}' has finished its {config.epochs} epochs: nothing to resume; "
+            f"train on from it with gctkd finetune --from {run_dir}"
+        )
     recorded = state.get("config") or {}
     current = config.to_dict()
     ignored = set(RESUME_CHANGEABLE) | {"out", "overwrite"}
@@ -315,7 +320,8 @@ def _train_here(
         window = CycleWindow.from_state_dict(resume_state["cycle"])
     else:
         # rank 0 names the folder (the default name holds the time)
-        run_dir = Path(distributed.broadcast_object(str(_default_run_dir(config, command)), context))
+        named = distributed.broadcast_object(str(_default_run_dir(config, command)), context)
+        run_dir = Path(named)
         window = _window(config, command, recorded_cycle)
     schedule = KnobSchedule(window, config.knob_ranges(), extra_xi_tags=task.xi_driven)
     trainer = Trainer(
