@@ -115,6 +115,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int)
     parser.add_argument("--cells", default=",".join(CELLS), help="Comma-separated cells to run.")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's "
+                        "choice); 1 keeps a shared machine's load from stalling the runs.")
     parser.add_argument("--cache", help="Run folders and per-run JSON (default under "
                         "benchmarks/cache).")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"),
@@ -327,6 +329,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _logger.setLevel(logging.INFO)
     plan = _plan(args)
     plan["device"] = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan["threads"] = torch.get_num_threads()
     data = args.data or _default_data()
     command = command_line()
     info = machine_info(args.device)

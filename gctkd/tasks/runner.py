@@ -264,8 +264,8 @@ def _check_resume_fits(state: dict[str, Any], meta: dict[str, Any], run_dir: Pat
     for key, what in (("model_name", "model"), ("class_names", "classes")):
         if state.get(key) != meta.get(key):
             raise UserError(
-                f"--resume '{run_dir}': the run's {what} {state.get(key)!r} differ from this "
-                f"one's {meta.get(key)!r}: resume with the data and model the run started with"
+                f"--resume '{run_dir}': the run's {what} ({state.get(key)!r}) and this one's "
+                f"({meta.get(key)!r}) differ: resume with the data and model the run started with"
             )
 
 
