@@ -22,6 +22,7 @@ learning rate scaled linearly (0.15 * 64 / 384 = 0.025), which keeps the paper's
 """
 
 import argparse
+import datetime
 import hashlib
 import json
 import logging
@@ -207,6 +208,8 @@ def _run_one(plan: dict[str, Any], cell: str, seed: int, data: str, test_dir: st
     if result_path.is_file():
         cached = json.loads(result_path.read_text())
         if cached.get("fingerprint") == fingerprint:
+            # results written before the field existed: the file's time is when the run ended
+            cached.setdefault("finished_utc", _utc(result_path.stat().st_mtime))
             return cached
 
     started = time.perf_counter()
@@ -227,6 +230,7 @@ def _run_one(plan: dict[str, Any], cell: str, seed: int, data: str, test_dir: st
         "epoch_seconds": [record["seconds"] for record in history],
         "train_seconds": summary["wall_seconds"],
         "wall_seconds": time.perf_counter() - started,
+        "finished_utc": _utc(time.time()),
     }
     if test_dir:
         result["test"] = _evaluate_folder(run_dir, test_dir, torch.device(plan["device"]))
@@ -235,6 +239,11 @@ def _run_one(plan: dict[str, Any], cell: str, seed: int, data: str, test_dir: st
             checkpoint.unlink()
     write_json(result_path, result)
     return result
+
+
+def _utc(seconds: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return stamp.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _cell_stats(runs: list[dict[str, Any]], baseline: dict[int, dict[str, Any]]) -> dict:
@@ -267,9 +276,11 @@ def _pm(stat: dict[str, float] | None, digits: int = 2, signed: bool = False) ->
     return f"{stat['mean']:{sign}.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def _markdown(plan: dict[str, Any], stats: dict[str, dict], info: dict, command: str,
-              wall: float, data: str, test_dir: str | None) -> str:
+def _markdown(plan: dict[str, Any], stats: dict[str, dict], runs: dict[str, list[dict]],
+              info: dict, command: str, wall: float, data: str, test_dir: str | None) -> str:
     cells = list(stats)
+    finished = sorted(run["finished_utc"] for cell_runs in runs.values() for run in cell_runs)
+    first, last = finished[0], finished[-1]
     images = plan["per_class"] * 10
     label = f"{images // 1000}K CIFAR-10" if images % 1000 == 0 else f"{images}-image CIFAR-10"
     seeds = plan["seeds"]
@@ -299,15 +310,16 @@ def _markdown(plan: dict[str, Any], stats: dict[str, dict], info: dict, command:
                        _pm(stats[cell]["best_top1"]), _pm(stats[cell]["final_ece"], 4),
                        f"{stats[cell]['wall_seconds']['mean']:.0f}"])
     recipe = ", ".join(
-        f"{k}={v}" for k, v in RECIPE.items() if k not in ("lr", "batch_size")
+        f"{k}={v}" for k, v in RECIPE.items() if k not in ("lr", "batch_size", "image_size")
     )
     return "\n".join([
         f"# Accuracy grid ({plan['mode']})",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {describe_machine(info)}. Wall time of the whole grid: {wall / 60:.1f} min "
-        "(cached runs count with the time they took when they ran).",
+        f"Machine: {describe_machine(info)}. Runs finished {first} .. {last}; wall time of the "
+        f"whole grid: {wall / 60:.1f} min (the sum of the runs' own times, cached ones "
+        "included).",
         "",
         f"Data: `{data}`, first {plan['per_class']} images per class for training, "
         f"{plan['val_per_class']} other images per class for validation. Baseline recipe: "
@@ -368,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     write_json(results / f"{plan['name']}.json", report)
-    markdown = _markdown(plan, stats, info, command, wall, data, args.test_dir)
+    markdown = _markdown(plan, stats, runs, info, command, wall, data, args.test_dir)
     (results / f"{plan['name']}.md").write_text(markdown)
     print(markdown)
     return report

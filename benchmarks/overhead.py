@@ -286,6 +286,8 @@ def _loader_memory_subprocess(name: str, data: str, args: argparse.Namespace) ->
                "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                "--image-size", str(args.image_size), "--per-class", str(args.per_class),
                "--val-per-class", str(args.val_per_class)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -315,6 +317,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's "
+                        "choice); 1 is steadier on a machine shared with other jobs.")
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
                         help="Autocast on CUDA for both loops (ignored on the CPU).")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
@@ -338,6 +342,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.loader_memory:
         _loader_memory(args.loader_memory, args)
         return {}

@@ -133,6 +133,8 @@ def measure_batch(model: str, batch_size: int, level: int, args: argparse.Namesp
                str(args.image_size), "--steps", str(args.steps), "--memory-repeats",
                str(args.memory_repeats), "--one-model", model, "--one-batch", str(batch_size),
                "--one-level", str(level)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return {"model": model, "batch_size": batch_size, "knobs": level,
             **json.loads(output.strip().splitlines()[-1])}
@@ -185,6 +187,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--knob-batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's "
+                        "choice); 1 is steadier on a machine shared with other jobs.")
     parser.add_argument("--steps", type=int, default=3, help="Steps per repetition.")
     parser.add_argument("--repeats", type=int, default=6, help="Interleaved repetitions.")
     parser.add_argument("--memory-repeats", type=int, default=3)
@@ -197,6 +201,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one_model:
         args.one_batch, args.one_level = int(args.one_batch), int(args.one_level)
         _measure_one(args)

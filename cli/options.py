@@ -20,7 +20,7 @@ def _option_for(f: dataclasses.Field) -> Callable:
             help=KNOBS[f.name].help + shown,
         )
     default = f.default if f.default is not dataclasses.MISSING else None
-    shown = f" [default: {default}]" if default not in (None, False) else ""
+    shown = f" [default: {default}]" if default is not None and default is not False else ""
     if f.metadata.get("flag"):
         return click.option(name, f.name, is_flag=True, default=False, help=f.metadata["help"])
     declared = str(f.type)

@@ -7,6 +7,7 @@ dump. Precedence: built-in defaults < YAML file < command line.
 
 import dataclasses
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,14 +205,23 @@ class _RecipeLoader(yaml.SafeLoader):
     """
 
 
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:int",
     re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
     list("-+0123456789"),
+)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
 )
 
 
@@ -311,7 +321,7 @@ def focal_gammas(config: RunConfig) -> tuple[float, float] | None:
         gammas = tuple(float(p) for p in parts)
     except ValueError:
         gammas = ()
-    if len(gammas) != 2 or min(gammas) < 0:
+    if len(gammas) != 2 or not all(math.isfinite(g) and g >= 0 for g in gammas):
         raise UserError(
             f"--focal takes G_HC:G_FL with two gammas >= 0 (e.g. 3:2), got {config.focal!r}"
         )

@@ -70,3 +70,36 @@ def test_unknown_yaml_key_names_the_nearest(tmp_path, gctkd_main):
     result = gctkd_main("pretrain", "--config", str(recipe), "--out", str(tmp_path / "r"))
     assert result.returncode == 2
     assert "unknown setting 'wieght_decay' (did you mean 'weight_decay'" in result.stderr
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_succeeds(tmp_path, gctkd_main, monkeypatch):
+    out = tmp_path / "run"
+    tiny = ["--epochs", "1", "--image-size", "8", "--batch-size", "128", "--workers", "0"]
+    assert gctkd_main("pretrain", "--out", str(out), "--model", "resnet20", *tiny).returncode == 0
+    before = _tree(out)
+    assert "last.pt" in before
+    broken = tmp_path / "broken"
+    for name in ("a", "b"):
+        (broken / name).mkdir(parents=True)
+        for index in range(80):
+            (broken / name / f"{index:02d}.jpg").write_bytes(b"not a jpeg")
+    result = gctkd_main("pretrain", "--out", str(out), "--data", str(broken), "--overwrite",
+                        "--model", "resnet20", *tiny)
+    assert result.returncode == 2 and "cannot decode image" in result.stderr
+    assert _tree(out) == before
+    assert not any(p.name.startswith(".run.replaced") for p in tmp_path.iterdir())
+
+
+def test_overwrite_refuses_a_folder_that_only_looks_like_a_run(tmp_path, gctkd_main):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.yaml").write_text("mine: 1\n")
+    (project / "src" / "train.py").write_text("print('mine')\n")
+    before = _tree(project)
+    result = gctkd_main("pretrain", "--out", str(project), "--overwrite", "--epochs", "1")
+    assert result.returncode == 2 and "not a gctkd run's" in result.stderr
+    assert _tree(project) == before

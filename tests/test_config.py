@@ -60,10 +60,15 @@ def test_bad_settings(settings, message):
 
 def test_yaml_pairs_are_not_base_60_numbers(tmp_path):
     path = tmp_path / "recipe.yaml"
-    path.write_text("clip: 4:10\ntemperature: 1:4\nfocal: 3:2\nepochs: 12\nlr: 1.5e-1\n")
+    path.write_text(
+        "clip: 4:10.5\ntemperature: 1:4\nfocal: 3:2\nepochs: 12\nlr: 1.5e-1\n"
+        "momentum: 0:0.9\nweight_decay: 5e-4\nmin_lr: 1.0e-6\n"
+    )
     config = resolve_config("pretrain", load_yaml(path))
-    assert config.clip == KnobRange(4.0, 10.0)
+    assert config.clip == KnobRange(4.0, 10.5)
     assert config.temperature == KnobRange(1.0, 4.0)
+    assert config.momentum == KnobRange(0.0, 0.9)
+    assert config.weight_decay == KnobRange(5e-4, 5e-4) and config.min_lr == 1e-6
     assert (config.focal, config.epochs, config.lr) == ("3:2", 12, 0.15)
 
 

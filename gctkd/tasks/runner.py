@@ -10,6 +10,7 @@ mid-run).
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -57,33 +58,64 @@ DEFAULT_CYCLICAL_FACTOR = {"pretrain": 1.0, "finetune": 1.0, "distill": 2.0}
 DEFAULT_MODEL = {"pretrain": "resnet56", "distill": "resnet20"}
 
 
-def prepare_run_dir(out: str | None, command: str, overwrite: bool) -> Path:
-    """Create the run folder; never write into someone's existing files unasked."""
+# what a gctkd run folder holds; --overwrite replaces a folder only when it holds nothing else
+_RUN_ENTRIES = frozenset(
+    {"config.yaml", "tensorboard", BEST_NAME, LAST_NAME, "metrics.jsonl", "summary.json",
+     "train.log", "checkpoints"}
+)
+
+
+def _is_gctkd_run(run_dir: Path) -> bool:
+    names = {entry.name for entry in run_dir.iterdir() if not entry.name.startswith(".")}
+    return "config.yaml" in names and names <= _RUN_ENTRIES
+
+
+def prepare_run_dir(out: str | None, command: str, overwrite: bool) -> tuple[Path, Path | None]:
+    """Create the run folder; never write into someone's existing files unasked.
+
+    Returns the folder and, with ``--overwrite``, where the run it replaces was moved: the
+    old run is only deleted once the new one has finished (:func:`_settle_replaced`).
+    """
     run_dir = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out '{run_dir}' is a file: pass a folder for the run")
+    replaced = None
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError(
                 f"--out '{run_dir}' exists and is not empty: pass another folder, or --overwrite "
                 "to replace that run"
             )
-        if not (run_dir / "config.yaml").is_file():
+        if not _is_gctkd_run(run_dir):
             raise UserError(
-                f"--out '{run_dir}' is not a gctkd run folder (no config.yaml); --overwrite only "
+                f"--out '{run_dir}' holds files that are not a gctkd run's; --overwrite only "
                 "replaces gctkd runs: pass an empty or new folder"
             )
-        shutil.rmtree(run_dir)
+        replaced = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+        os.replace(run_dir, replaced)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
+        if replaced is not None:
+            os.replace(replaced, run_dir)
         raise UserError(
             f"--out '{run_dir}' cannot be written ({error.strerror}): pass a writable folder"
         ) from None
-    return run_dir
+    return run_dir, replaced
+
+
+def _settle_replaced(run_dir: Path, replaced: Path | None, succeeded: bool) -> None:
+    """Delete the replaced run after a success; put it back after a failure."""
+    if replaced is None:
+        return
+    if succeeded:
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.replace(replaced, run_dir)
 
 
 def _attach_file_log(run_dir: Path) -> logging.Handler:
@@ -335,10 +367,11 @@ def _train_here(
     fresh = config.resume is None
     existed = run_dir.is_dir()
     message = None
+    replaced = None
     if context.is_main:
         try:
             if fresh:
-                prepare_run_dir(str(run_dir), command, config.overwrite)
+                _, replaced = prepare_run_dir(str(run_dir), command, config.overwrite)
             else:
                 _remove_stale_temporaries(run_dir)
         except UserError as error:
@@ -347,6 +380,7 @@ def _train_here(
     if message is not None:
         raise UserError(message)
     handler = _attach_file_log(run_dir) if context.is_main else None
+    succeeded = False
     try:
         if fresh and context.is_main:
             resolved = {"command": command, **config.to_dict(), "out": str(run_dir)}
@@ -363,11 +397,12 @@ def _train_here(
             f"done in {summary['wall_seconds']:.1f}s: best val top1 {summary['best_top1']:.2f}; "
             f"checkpoints {run_dir / BEST_NAME}, {run_dir / LAST_NAME}"
         )
+        succeeded = True
         return summary
     except UserError:
         # a new run that failed before its first checkpoint (an undecodable image, say)
         # leaves no folder behind, so the same command runs again once the cause is fixed
-        if fresh and context.is_main and not (run_dir / LAST_NAME).exists():
+        if fresh and context.is_main and replaced is None and not (run_dir / LAST_NAME).exists():
             _close_file_log(handler)
             handler = None
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -376,6 +411,8 @@ def _train_here(
         raise
     finally:
         _close_file_log(handler)
+        if context.is_main:
+            _settle_replaced(run_dir, replaced, succeeded)
 
 
 def pretrain(config: RunConfig) -> dict[str, Any]:
