@@ -60,7 +60,7 @@ def test_existing_run_folder_is_kept(tmp_path, gctkd_main):
     assert "exists and is not empty" in result.stderr and "--overwrite" in result.stderr
     assert (out / "notes.txt").read_text() == "mine"
     result = gctkd_main("pretrain", "--out", str(out), "--epochs", "1", "--overwrite")
-    assert result.returncode == 2 and "not a gctkd run folder" in result.stderr
+    assert result.returncode == 2 and "not a gctkd run's" in result.stderr
     assert (out / "notes.txt").read_text() == "mine"
 
 
