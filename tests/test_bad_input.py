@@ -127,7 +127,7 @@ CASES = [
     ("f_c < 1", "--cyclical-factor must be >= 1, got 0.5"),
     ("negative --checkpoint-every", "--checkpoint-every must be >= 0"),
     ("non-empty --out without --resume or --overwrite", "exists and is not empty"),
-    ("--overwrite of a folder that is no gctkd run", "is not a gctkd run's"),
+    ("--overwrite of a folder that is no gctkd run", "holds files that are not a gctkd run's"),
     ("unwritable --out (under a file)", "cannot be written (Not a directory)"),
     ("unknown YAML key", "unknown setting 'wieght_decay' (did you mean 'weight_decay'"),
     ("--resume of a missing run", "--resume '{tmp}/no-run' is not a folder"),
