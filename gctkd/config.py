@@ -435,4 +435,31 @@ def resolve_config(
         values.setdefault(name, None)
     config = RunConfig(**values)
     _validate(config)
+    # which settings the user chose, so a fine-tuning run can inherit the rest (see inherit)
+    config.explicit = frozenset(merged)
     return config
+
+
+# what fine-tuning carries over from the run it continues unless the user sets it again
+INHERITED_SETTINGS = ("weight_decay", "momentum", "temperature", "clip", "clip_mode", "focal")
+
+
+def inherit(config: RunConfig, recorded: dict[str, Any]) -> RunConfig:
+    """The knobs a checkpoint's run used, for every one the user did not set here.
+
+    ``gctkd finetune --from`` continues a cycle: the knobs keep the ranges they had, so
+    the second half of the cycle drives the same settings as the first.
+    """
+    explicit = getattr(config, "explicit", frozenset())
+    by_name = {f.name: f for f in dataclasses.fields(RunConfig)}
+    changes = {
+        name: _coerce(by_name[name], recorded[name])
+        for name in INHERITED_SETTINGS
+        if name not in explicit and recorded.get(name) is not None
+    }
+    if not changes:
+        return config
+    inherited = dataclasses.replace(config, **changes)
+    _validate(inherited)
+    inherited.explicit = explicit
+    return inherited

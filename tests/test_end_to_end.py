@@ -72,9 +72,13 @@ def test_pretrain_finetune_distill(cifar_dir, five_classes, tmp_path, monkeypatc
 
     # fine-tuning continues the recorded cycle back to easy, with a new 5-class head
     _run(monkeypatch, "finetune", "--from", str(teacher), "--data", str(five_classes),
-         "--out", str(tuned), *COMMON, *KNOBS)
-    _assert_run_folder(tuned)
+         "--out", str(tuned), *COMMON, "--clip", "5:10")
+    tuned_config = _assert_run_folder(tuned)
+    # the knobs the teacher used carry over unless set again (--clip here)
+    assert (tuned_config["weight_decay"], tuned_config["temperature"]) == ("0.0001:0.001", "0.5:2")
+    assert (tuned_config["focal"], tuned_config["clip"]) == ("3:2", "5:10")
     logged = _scalars(tuned)
+    assert logged["knob/clip"][-1] == pytest.approx(5.0)
     assert logged["cycle/xi"][0] == pytest.approx(0.0) and logged["cycle/xi"][-1] == 1.0
     assert logged["knob/weight_decay"][0] == pytest.approx(1e-3)
     assert logged["knob/weight_decay"][-1] == pytest.approx(1e-4)

@@ -22,7 +22,13 @@ import yaml
 from torch import nn
 
 import gctkd
-from gctkd.config import RESUME_CHANGEABLE, RunConfig, cycle_window_bounds, focal_gammas
+from gctkd.config import (
+    RESUME_CHANGEABLE,
+    RunConfig,
+    cycle_window_bounds,
+    focal_gammas,
+    inherit,
+)
 from gctkd.cycle import CycleWindow, continuation_window
 from gctkd.data.datasets import DataBundle, build_datasets
 from gctkd.data.loader import build_loader
@@ -438,6 +444,8 @@ def finetune(config: RunConfig) -> dict[str, Any]:
     path = resolve_checkpoint(config.from_checkpoint, prefer=LAST_NAME, option="--from")
     state = load_checkpoint(path, option="--from")
     source = f"--from '{path}'"
+    if config.resume is None:
+        config = inherit(config, state.get("config") or {})
 
     def build_task(bundle: DataBundle) -> ClassificationTask:
         model = _model_from_checkpoint(state, source, config.model)
