@@ -17,8 +17,8 @@ The recipe is Table 4's CIFAR-10 SGD recipe scaled down: batch 64 instead of 384
 learning rate scaled linearly (0.15 * 64 / 384 = 0.025), which keeps the paper's Eq. 3,
 ``lr * wd / (bs * (1 - momentum))``, at its 1.95e-6; cosine schedule, one warm-up epoch.
 
-    python benchmarks/accuracy_grid.py --epochs 8          # the full grid (3 seeds)
-    python benchmarks/accuracy_grid.py --quick             # a few minutes, 2 seeds, 1K images
+    python benchmarks/accuracy_grid.py --epochs 4 --threads 1   # RESULTS.md's grid (3 seeds)
+    python benchmarks/accuracy_grid.py --quick                  # 1K images, 2 epochs, 2 seeds
 """
 
 import argparse

@@ -182,7 +182,8 @@ def measure_step(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.steps)
     ]
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build_trainer(args.model, batches, ALL_KNOBS, args.device, args.amp,
+        knobs = ALL_KNOBS if args.knobs == "all" else {}
+        trainer = build_trainer(args.model, batches, knobs, args.device, args.amp,
                                 Path(run_dir), compile_model=args.compile)
         minimal_model = create_model(args.model, 10)
         minimal_model.load_state_dict(trainer.task.model.state_dict())
@@ -322,6 +323,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
                         help="Autocast on CUDA for both loops (ignored on the CPU).")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
+    parser.add_argument("--knobs", default="all", choices=("all", "none"),
+                        help="gctkd's step with every knob cyclical, or with none (constants).")
     parser.add_argument("--steps", type=int, default=10, help="Steps per repetition.")
     parser.add_argument("--repeats", type=int, default=12, help="Interleaved repetitions.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps of each first.")
@@ -350,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {"command": command_line(), "machine": machine_info(args.device),
                               "settings": {k: v for k, v in vars(args).items() if k != "out"},
-                              "knobs": ALL_KNOBS}
+                              "knobs": ALL_KNOBS if args.knobs == "all" else {}}
     report["step"] = measure_step(args)
     step = report["step"]
     print(f"{describe_machine(report['machine'])}")
