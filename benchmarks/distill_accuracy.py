@@ -20,8 +20,11 @@ trains, so heavy jobs of other developers run between runs instead of thrashing 
 Writes ``benchmarks/results/distill_accuracy.md`` (mean +- sample std over seeds, and the
 difference to the student alone, paired by seed) and ``benchmarks/results/distill_accuracy.json``.
 
-    python benchmarks/distill_accuracy.py --epochs 10           # the study, 3 seeds
-    python benchmarks/distill_accuracy.py --epochs 1 --seeds 0  # one epoch of each arm (timing)
+    python benchmarks/distill_accuracy.py --epochs 3 --threads 1   # the recorded study, 3 seeds
+    python benchmarks/distill_accuracy.py --epochs 1 --seeds 0     # one epoch of each arm (timing)
+
+``--threads 1 --lock OTHER_FILE`` lets the study share the two cores with another one-thread
+job instead of queueing behind it (how the recorded run was made).
 """
 
 import argparse
@@ -38,6 +41,8 @@ from typing import Any, Iterator
 
 # one line per run in the log; per-step progress bars would only fill it
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
 
 from common import (  # noqa: E402
     CIFAR_ARCHIVE, REPO, command_line, describe_machine, machine_info, markdown_table, mean_std,
@@ -77,9 +82,9 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 @contextlib.contextmanager
-def cpu_lock() -> Iterator[None]:
+def cpu_lock(path: str = LOCK_PATH) -> Iterator[None]:
     """Hold the machine-wide lock heavy jobs share (the same file ``flock`` uses)."""
-    with open(LOCK_PATH, "a") as handle:
+    with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -105,7 +110,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, cache: Path) -> dict[
             return cached
     out = cache / "runs" / f"{arm}-seed{seed}"
     config = resolve_config(command, {}, {**settings, "out": str(out), "overwrite": True})
-    with cpu_lock():
+    with cpu_lock(args.lock):
         started = time.perf_counter()
         summary = (distill if command == "distill" else pretrain)(config)
         wall = time.perf_counter() - started
@@ -168,7 +173,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO / "benchmarks/cache/cifar10-first600")
     parser.add_argument("--cache", type=Path, default=REPO / "benchmarks/cache/distill_accuracy")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument("--lock", default=LOCK_PATH, help="lock file held while a run trains")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("gctkd").setLevel(logging.WARNING)
     _logger.setLevel(logging.INFO)

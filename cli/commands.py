@@ -30,6 +30,7 @@ finetune = _make_command(
 )
 distill = _make_command(
     "distill",
-    "Train a student from a frozen teacher (--teacher) with cyclical KD temperature "
-    "(f_c = 2 by default: the temperature peaks mid-run).",
+    "Train a student from a frozen teacher (--teacher, or --teacher-model with "
+    "--teacher-weights) with cyclical KD temperature (f_c = 2 by default: the temperature "
+    "peaks mid-run) and, with --feature-layers, feature matching at several depths.",
 )

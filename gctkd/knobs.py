@@ -114,7 +114,11 @@ for _spec in (
     ),
     KnobSpec("kd_weight", "Weight of the KD loss.", commands=("distill",)),
     KnobSpec("label_weight", "Weight of the label (cross-entropy or focal) loss.", commands=("distill",)),
-    KnobSpec("feature_weight", "Weight of the feature-matching losses.", commands=("distill",)),
+    KnobSpec(
+        "feature_weight",
+        "Weight of the feature losses, with --feature-layers (then default 0.3 for mse, 1 for at).",
+        commands=("distill",),
+    ),
 ):
     register_knob(_spec)
 

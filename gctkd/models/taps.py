@@ -129,7 +129,7 @@ class FeatureTaps:
         self.role = role
         self.model_name = model_name or type(self.core).__name__
         self.tap_modules = _feature_modules(self.core)
-        self.modules = dict(self.core.named_modules())
+        self._module_names = [name for name, _ in self.core.named_modules()]
         self.use_intermediates = hasattr(self.core, "forward_intermediates") and not _is_ddp(model)
         # each layer becomes ("index", tap) or ("hook", module name)
         self.layers = [self._resolve(layer) for layer in layers]
@@ -145,7 +145,7 @@ class FeatureTaps:
 
     def _resolve(self, layer: LayerSpec) -> tuple[str, int | str]:
         where = f"--feature-layers: {self.role} layer {layer!r}"
-        if isinstance(layer, int) and not self.tap_modules and str(layer) in self.modules:
+        if isinstance(layer, int) and not self.tap_modules and str(layer) in self._module_names:
             return "hook", str(layer)  # a child of an nn.Sequential without feature_info
         if isinstance(layer, int):
             count = len(self.tap_modules)
@@ -158,8 +158,8 @@ class FeatureTaps:
         name = _strip_wrapper_prefix(layer)
         if name in self.tap_modules:
             return "index", self.tap_modules.index(name)
-        if name not in self.modules or not name:
-            hint = nearest_names(name, [n for n in self.modules if n])
+        if name not in self._module_names or not name:
+            hint = nearest_names(name, [n for n in self._module_names if n])
             raise UserError(
                 f"{where} is not a module of {self.model_name}{hint}: {self._describe_taps()}; "
                 "other module names are those of model.named_modules()"
@@ -209,7 +209,9 @@ class FeatureTaps:
         hook_names = {where for kind, where in self.layers if kind == "hook"}
         if not self.use_intermediates:
             hook_names |= {self.tap_modules[index] for index in indices}
-        missing = sorted(name for name in hook_names if name not in self.modules)
+        # looked up at each call: a SyncBatchNorm conversion may have replaced submodules
+        modules = dict(self.core.named_modules()) if hook_names else {}
+        missing = sorted(name for name in hook_names if name not in modules)
         if missing:
             raise UserError(
                 f"--feature-layers: {self.role} taps {missing} of {self.model_name} are not "
@@ -223,7 +225,7 @@ class FeatureTaps:
             return store
 
         handles = [
-            self.modules[name].register_forward_hook(hook_for(name)) for name in hook_names
+            modules[name].register_forward_hook(hook_for(name)) for name in hook_names
         ]
         try:
             if self.use_intermediates and indices:
