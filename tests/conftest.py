@@ -2,7 +2,7 @@
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+from typing import NamedTuple
 from typing import Callable, Sequence
 
 import numpy as np
@@ -64,6 +64,13 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+class CliResult(NamedTuple):
+    """Exit code (0 on success) and stderr of one in-process ``gctkd`` run."""
+
+    returncode: int
+    stderr: str
+
+
 @pytest.fixture
 def gctkd_main(monkeypatch, capsys):
     """Run the console entry point in-process; returns its exit code and stderr."""
@@ -77,6 +84,6 @@ def gctkd_main(monkeypatch, capsys):
             main()
         except SystemExit as stopped:
             code = stopped.code or 0
-        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+        return CliResult(code, capsys.readouterr().err)
 
     return run

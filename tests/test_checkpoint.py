@@ -3,7 +3,6 @@
 import errno
 import os
 import pickle
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from gctkd.engine.checkpoint import (
     step_checkpoint_path,
 )
 from gctkd.errors import UserError
-from gctkd_cli.main import main
 
 RUN = [
     "pretrain", "--model", "resnet20", "--image-size", "16", "--batch-size", "5",
@@ -26,14 +24,6 @@ RUN = [
 ]  # fmt: skip
 
 
-def _run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["gctkd", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as stopped:
-        code = stopped.code or 0
-    return code, capsys.readouterr().err
 
 
 def _partial_save(obj, stream, *args, **kwargs):
@@ -92,13 +82,13 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def test_run_keeps_k_step_checkpoints_and_a_failed_save_stops_cleanly(
-    make_image_folder, tmp_path, monkeypatch, capsys
+def test_run_keeps_k_step_checkpoints_and_a_failed_save_stops_cleanly(gctkd_main,
+    make_image_folder, tmp_path, monkeypatch
 ):
     data = make_image_folder(per_class=6)  # 15 training images: 3 steps of 5
     out = tmp_path / "run"
-    code, _ = _run(monkeypatch, capsys, *RUN, "--data", str(data), "--out", str(out),
-                   "--checkpoint-every", "1", "--keep-last", "2")
+    code, _ = gctkd_main(*RUN, "--data", str(data), "--out", str(out),
+                         "--checkpoint-every", "1", "--keep-last", "2")
     assert code == 0
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == ["step-00000002.pt", "step-00000003.pt"]
@@ -121,8 +111,8 @@ def test_run_keeps_k_step_checkpoints_and_a_failed_save_stops_cleanly(
 
     monkeypatch.setattr(torch, "save", save_twice_then_fail)
     failed = tmp_path / "failed"
-    code, err = _run(monkeypatch, capsys, *RUN, "--data", str(data), "--out", str(failed),
-                     "--checkpoint-every", "1")
+    code, err = gctkd_main(*RUN, "--data", str(data), "--out", str(failed),
+                           "--checkpoint-every", "1")
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("gctkd: error: cannot write checkpoint")
     assert "Traceback" not in err
@@ -143,8 +133,8 @@ class _RunsACommand:
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 @pytest.mark.parametrize("option", ["--resume", "--from", "--teacher"])
-def test_a_crafted_pickle_is_refused_and_its_command_never_runs(
-    tmp_path, monkeypatch, capsys, option, writer
+def test_a_crafted_pickle_is_refused_and_its_command_never_runs(gctkd_main,
+    tmp_path, option, writer
 ):
     marker = tmp_path / "command-ran"
     payload = {"format": "gctkd-checkpoint", "version": 1, "model": _RunsACommand(marker)}
@@ -164,7 +154,7 @@ def test_a_crafted_pickle_is_refused_and_its_command_never_runs(
         args = [command, "--resume", str(folder)]
     else:
         args = [command, option, str(path), "--out", str(tmp_path / "run")]
-    code, err = _run(monkeypatch, capsys, *args)
+    code, err = gctkd_main(*args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"gctkd: error: {option} '{path}' was refused: it is not made of "

@@ -3,7 +3,6 @@
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -24,7 +23,6 @@ from gctkd.models.connectors import Connector
 from gctkd.models.taps import FeatureTaps, parse_feature_layers, unwrap_model
 from gctkd.tasks.distill import DEFAULT_FEATURE_WEIGHT, DistillTask
 from gctkd.tasks.logit_cache import IndexedTargets, TeacherLogitCache
-from gctkd_cli.main import main
 
 NUM_CLASSES = 3
 SIZE = 16
@@ -55,21 +53,6 @@ def _trainer(task: DistillTask, tmp_path: Path) -> Trainer:
     batch = [(torch.randn(4, 3, SIZE, SIZE), torch.arange(4) % NUM_CLASSES)]
     return Trainer(task, schedule, config, batch, batch, tmp_path, torch.device("cpu"))
 
-
-@pytest.fixture
-def gctkd_run(monkeypatch, capsys):
-    """Run the console entry point in-process; returns its exit code (0 on success) and stderr."""
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["gctkd", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as stopped:
-            code = stopped.code or 0
-        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
-
-    return run
 
 
 def _scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -230,10 +213,10 @@ def timm_teacher(tmp_path):
     return path
 
 
-def test_cross_family_feature_distillation_end_to_end(cifar_dir, timm_teacher, tmp_path, gctkd_run):
+def test_cross_family_feature_distillation_end_to_end(cifar_dir, timm_teacher, tmp_path, gctkd_main):
     """A ResNet teacher from a weights file, an EfficientNet student, features at two depths."""
     out = tmp_path / "student"
-    result = gctkd_run(
+    result = gctkd_main(
         "distill", "--teacher-model", "test_resnet", "--teacher-weights", str(timm_teacher),
         "--teacher-size", "64", "--teacher-mean", "0.5,0.5,0.5", "--teacher-std", "0.25,0.25,0.25",
         "--data", str(cifar_dir), "--out", str(out), "--model", "test_efficientnet",
@@ -271,10 +254,10 @@ def test_cross_family_feature_distillation_end_to_end(cifar_dir, timm_teacher, t
     ],
 )
 def test_bad_distillation_options_exit_2_before_a_run_folder(
-    cifar_dir, timm_teacher, tmp_path, gctkd_run, options, message
+    cifar_dir, timm_teacher, tmp_path, gctkd_main, options, message
 ):
     out = tmp_path / "never"
-    result = gctkd_run(
+    result = gctkd_main(
         "distill", "--teacher-model", "test_resnet", "--teacher-weights", str(timm_teacher),
         "--data", str(cifar_dir), "--out", str(out), *options, *COMMON,
     )
@@ -284,9 +267,9 @@ def test_bad_distillation_options_exit_2_before_a_run_folder(
 
 
 def test_timm_teacher_class_count_mismatch_is_an_error(make_image_folder, timm_teacher, tmp_path,
-                                                       gctkd_run):
+                                                       gctkd_main):
     data = make_image_folder(per_class=10)
-    result = gctkd_run(
+    result = gctkd_main(
         "distill", "--teacher-model", "test_resnet", "--teacher-weights", str(timm_teacher),
         "--data", str(data), "--out", str(tmp_path / "never"), *COMMON, "--batch-size", "8",
     )
@@ -298,22 +281,22 @@ class _NotATensor:
     pass
 
 
-def test_weights_files_with_code_are_refused(make_image_folder, tmp_path, gctkd_run):
+def test_weights_files_with_code_are_refused(make_image_folder, tmp_path, gctkd_main):
     path = tmp_path / "evil.pt"
     torch.save({"fc.weight": _NotATensor()}, path)
-    result = gctkd_run(
+    result = gctkd_main(
         "distill", "--teacher-model", "test_resnet", "--teacher-weights", str(path),
         "--data", str(make_image_folder(per_class=10)), "--out", str(tmp_path / "never"), *COMMON,
     )
     assert result.returncode == 2 and "was refused" in result.stderr
 
 
-def test_cached_teacher_logits_run(make_image_folder, tmp_path, gctkd_run):
+def test_cached_teacher_logits_run(make_image_folder, tmp_path, gctkd_main):
     torch.manual_seed(0)
     path = tmp_path / "teacher.pt"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), path)
     out = tmp_path / "student"
-    result = gctkd_run(
+    result = gctkd_main(
         "distill", "--teacher-model", "test_resnet", "--teacher-weights", str(path),
         "--teacher-size", "32", "--data", str(make_image_folder(per_class=10)), "--out", str(out),
         "--model", "resnet8x4", "--cache-teacher-logits", "--hflip", "0", *COMMON,

@@ -2,14 +2,12 @@
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 
 from gctkd.engine.checkpoint import load_checkpoint
 from gctkd.tasks.classification import ClassificationTask
-from gctkd_cli.main import main
 
 RUN = [
     "pretrain", "--model", "resnet20", "--image-size", "16", "--batch-size", "5",
@@ -18,14 +16,6 @@ RUN = [
 ]  # fmt: skip
 
 
-def _run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["gctkd", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as stopped:
-        code = stopped.code or 0
-    return code, capsys.readouterr().err
 
 
 def _poison(monkeypatch, step, kind):
@@ -62,14 +52,14 @@ def _poison(monkeypatch, step, kind):
         ("loss", 3, "10", 2),
     ],
 )
-def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
-    make_image_folder, tmp_path, monkeypatch, capsys, kind, step, log_interval, saved
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(gctkd_main,
+    make_image_folder, tmp_path, monkeypatch, kind, step, log_interval, saved
 ):
     data = make_image_folder(per_class=6)  # 15 training images: 3 steps per epoch
     out = tmp_path / "run"
     _poison(monkeypatch, step, kind)
-    code, err = _run(monkeypatch, capsys, *RUN, "--data", str(data), "--out", str(out),
-                     "--log-interval", log_interval)
+    code, err = gctkd_main(*RUN, "--data", str(data), "--out", str(out),
+                           "--log-interval", log_interval)
     assert code == 3, err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"gctkd: stopped: non-finite {kind} at step {step} ")
@@ -81,12 +71,12 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert not (out / "summary.json").exists()
 
 
-def test_skip_nonfinite_skips_and_counts(make_image_folder, tmp_path, monkeypatch, capsys):
+def test_skip_nonfinite_skips_and_counts(gctkd_main, make_image_folder, tmp_path, monkeypatch):
     data = make_image_folder(per_class=6)
     out = tmp_path / "run"
     _poison(monkeypatch, 3, "loss")
-    code, err = _run(monkeypatch, capsys, *RUN, "--data", str(data), "--out", str(out),
-                     "--log-interval", "1", "--skip-nonfinite")
+    code, err = gctkd_main(*RUN, "--data", str(data), "--out", str(out),
+                           "--log-interval", "1", "--skip-nonfinite")
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
