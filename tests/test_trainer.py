@@ -169,16 +169,37 @@ def test_focal_with_zero_gammas_is_cross_entropy(xi):
     )
 
 
-def test_frozen_teacher_is_untouched_by_distillation(tmp_path):
+def _wide_student() -> nn.Module:
+    # widths 4 (teacher) -> 6 (student) need connectors; Sequential children are read by hooks
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, NUM_CLASSES),
+    )
+
+
+@pytest.mark.parametrize(
+    "features, settings, parts",
+    [
+        (None, {"kd_temperature": "1:4"}, {"loss", "label", "kd"}),
+        ([(1, 1), (2, 2)], {"feature_weight": "1"},
+         {"loss", "label", "kd", "feature/1", "feature/2"}),
+    ],
+)
+def test_frozen_teacher_is_untouched_by_distillation(tmp_path, features, settings, parts):
     teacher_model = _tiny_model()
     teacher_model.train()
     for images, _ in _loader():  # give BatchNorm non-trivial statistics
         teacher_model(images)
     teacher = FrozenTeacher(teacher_model, (0, 0, 0), (1, 1, 1), (0, 0, 0), (1, 1, 1))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = _tiny_model()
-    task = DistillTask(student, teacher, _meta())
-    config = resolve_config("distill", {"warmup_epochs": 0, "epochs": 1, "kd_temperature": "1:4"})
+    if features is None:
+        student = _tiny_model()
+        task = DistillTask(student, teacher, _meta())
+    else:
+        student = _wide_student()
+        task = DistillTask(student, teacher, {**_meta(), "image_size": 8},
+                           feature_layers=features)
+    config = resolve_config("distill", {"warmup_epochs": 0, "epochs": 1, **settings})
     schedule = KnobSchedule(CycleWindow(2.0), config.knob_ranges())
     trainer = Trainer(task, schedule, config, _loader(12), _loader(12), tmp_path,
                       torch.device("cpu"))
@@ -186,8 +207,7 @@ def test_frozen_teacher_is_untouched_by_distillation(tmp_path):
     trainer.trainable.train()
     student_before = [p.clone() for p in student.parameters()]
     for images, targets in list(_loader(12))[:3]:
-        parts = trainer._train_step(images, targets, schedule.values(0.5))
-        assert set(parts) == {"loss", "label", "kd"}
+        assert set(trainer._train_step(images, targets, schedule.values(0.5))) == parts
     teacher.train(True)
     assert teacher.training is False and teacher.model.training is False
     for name, value in teacher.state_dict().items():
@@ -206,33 +226,3 @@ def test_ema_is_evaluated_and_kept_apart(tmp_path):
     assert all(torch.equal(state["model"][k], ema_weights[k]) for k in ema_weights)
     assert all(torch.equal(state["raw_model"][k], raw_weights[k]) for k in raw_weights)
     assert not all(torch.equal(ema_weights[k], raw_weights[k]) for k in raw_weights)
-
-
-def test_frozen_teacher_is_untouched_by_feature_distillation(tmp_path):
-    teacher_model = _tiny_model()
-    teacher_model.train()
-    for images, _ in _loader():  # give BatchNorm non-trivial statistics
-        teacher_model(images)
-    teacher = FrozenTeacher(teacher_model, (0, 0, 0), (1, 1, 1), (0, 0, 0), (1, 1, 1))
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, NUM_CLASSES),
-    )
-    # Sequential children by name, read with hooks (no feature_info); widths 4 -> 6 need connectors
-    task = DistillTask(student, teacher, {**_meta(), "image_size": 8},
-                       feature_layers=[(1, 1), (2, 2)])
-    config = resolve_config("distill", {"warmup_epochs": 0, "epochs": 1, "feature_weight": "1"})
-    schedule = KnobSchedule(CycleWindow(2.0), config.knob_ranges())
-    trainer = Trainer(task, schedule, config, _loader(12), _loader(12), tmp_path,
-                      torch.device("cpu"))
-    teacher.train()
-    trainer.trainable.train()
-    for images, targets in list(_loader(12))[:3]:
-        parts = trainer._train_step(images, targets, schedule.values(0.5))
-        assert set(parts) == {"loss", "label", "kd", "feature/1", "feature/2"}
-    teacher.train(True)
-    assert teacher.training is False and teacher.model.training is False
-    for name, value in teacher.state_dict().items():
-        assert torch.equal(value, before[name]), name
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
