@@ -51,6 +51,10 @@ cli.add_command(finetune)
 cli.add_command(distill)
 
 
+# click >= 8.2 raises this for a group called without a command; older versions exit 0
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2.
 
@@ -67,12 +71,17 @@ def main() -> None:
         sys.exit(stopped.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except _NO_ARGS_HELP as shown:
+        # bare `gctkd`: the help is the answer, on stdout, like `gctkd --help`
+        click.echo(shown.format_message())
+        sys.exit(0)
     except click.ClickException as error:
         click.echo(f"gctkd: error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
-    except click.exceptions.Abort:
-        click.echo("gctkd: aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("gctkd: interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        # click turns Ctrl-C into Abort
+        click.echo(
+            "gctkd: interrupted (Ctrl-C); a run continues from its last saved checkpoint with "
+            "--resume RUN", err=True,
+        )
         sys.exit(130)

@@ -33,6 +33,8 @@ RESUME_CHANGEABLE = (
     "skip_nonfinite",
 )  # fmt: skip
 FEATURE_LOSSES = ("mse", "at")  # the keys of gctkd.losses.FEATURE_LOSSES
+# settings naming files or folders: "~" is expanded, an empty value refused
+PATH_SETTINGS = ("data", "out", "resume", "from_checkpoint", "teacher", "teacher_weights")
 
 
 def _setting(default: Any, help: str, commands: tuple[str, ...] = COMMANDS, **extra: Any) -> Any:
@@ -233,11 +235,45 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         loaded = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
     except yaml.YAMLError as error:
-        first_line = str(error).splitlines()[0]
-        raise UserError(f"config file '{path}' is not valid YAML: {first_line}") from None
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
     if not isinstance(loaded, dict):
         raise UserError(f"config file '{path}' must hold a mapping of settings, got a list/value")
     return {str(key).replace("-", "_"): value for key, value in loaded.items()}
+
+
+def _yaml_keys(command: str, settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """A recipe's settings under their field names.
+
+    Keys may also be the option names (``from`` for ``from_checkpoint``). A file with a
+    ``command`` key is a run's own ``config.yaml``: it lists every setting of every command,
+    so the ones this command does not take are left out instead of refused.
+    """
+    aliases = {
+        _option_name(f)[2:].replace("-", "_"): f.name
+        for f in dataclasses.fields(RunConfig)
+        if f.metadata.get("option")
+    }
+    renamed, given_as = {}, {}
+    for key, value in settings.items():
+        name = aliases.get(key, key)
+        if name in renamed:
+            raise UserError(
+                f"{source}: '{given_as[name]}' and '{key}' are the same setting: keep one"
+            )
+        renamed[name], given_as[name] = value, key
+    recorded_command = renamed.pop("command", None)
+    if recorded_command is not None:
+        known = {f.name for f in fields_for(command)}
+        left_out = sorted(key for key, value in renamed.items()
+                          if key not in known and value is not None)
+        if left_out:
+            _logger.info(f"{source} is a '{recorded_command}' run's record: ignoring "
+                         f"{', '.join(left_out)} (not settings of 'gctkd {command}')")
+        renamed = {key: value for key, value in renamed.items() if key in known}
+    return renamed
 
 
 def _check_keys(command: str, settings: dict[str, Any], source: str) -> None:
@@ -283,8 +319,13 @@ def _validate(config: RunConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    if config.lr <= 0:
-        raise UserError(f"--lr must be > 0, got {config.lr}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise UserError(f"--lr must be a number > 0, got {config.lr}")
+    if not (math.isfinite(config.min_lr) and config.min_lr >= 0):
+        raise UserError(f"--min-lr must be a number >= 0, got {config.min_lr}")
+    if config.warmup_epochs < 0:
+        raise UserError(f"--warmup-epochs must be >= 0 (0 turns warm-up off), got "
+                        f"{config.warmup_epochs}")
     if config.workers < 0:
         raise UserError(f"--workers must be >= 0, got {config.workers}")
     for name in ("checkpoint_every", "keep_last"):
@@ -304,6 +345,8 @@ def _validate(config: RunConfig) -> None:
         )
     if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in (0, 1), got {config.ema_decay}")
+    if config.hflip is not None and not 0.0 <= config.hflip <= 1.0:
+        raise UserError(f"--hflip must be in [0, 1], got {config.hflip}")
     if not 0.0 <= config.re_prob <= 1.0:
         raise UserError(f"--re-prob must be in [0, 1], got {config.re_prob}")
     if not 0.0 <= config.label_smoothing < 1.0:
@@ -342,6 +385,13 @@ def cycle_window_bounds(config: RunConfig) -> tuple[float, float] | None:
     if not 0.0 <= start <= end <= 1.0:
         raise UserError(f"--cycle-window needs 0 <= START <= END <= 1, got {config.cycle_window}")
     return start, end
+
+
+def _expand_path(name: str, value: str) -> str:
+    if not value.strip():
+        option = _option_name(next(f for f in dataclasses.fields(RunConfig) if f.name == name))
+        raise UserError(f"{option} is empty: pass a path, or leave {option} out")
+    return str(Path(value).expanduser())
 
 
 def _option_name(f: dataclasses.Field) -> str:
@@ -417,11 +467,14 @@ def resolve_config(
     With ``resume``, the run's own ``config.yaml`` takes the place of the defaults and the
     settings given may change only :data:`RESUME_CHANGEABLE` ones.
     """
-    yaml_settings = dict(yaml_settings or {})
+    yaml_settings = _yaml_keys(command, dict(yaml_settings or {}), source)
     cli_settings = dict(cli_settings or {})
     _check_keys(command, yaml_settings, source)
     _check_keys(command, cli_settings, "command line")
     merged = {**yaml_settings, **cli_settings}
+    for name in PATH_SETTINGS:
+        if merged.get(name) is not None:
+            merged[name] = _expand_path(name, str(merged[name]))
     if merged.get("resume"):
         merged = _resume_settings(command, merged)
     values = {}

@@ -39,6 +39,8 @@ def test_version():
         (["pretrain", "--clip-mode", "max"], "Invalid value for '--clip-mode'"),
         (["pretrain", "--epochs", "x"], "Invalid value for '--epochs'"),
         (["pretrain", "--config", "missing.yaml"], "missing.yaml' does not exist"),
+        (["pretrain", "--lr", "nan"], "--lr must be a number > 0, got nan"),
+        (["pretrain", "--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, gctkd_main, args, message):
@@ -103,3 +105,54 @@ def test_overwrite_refuses_a_folder_that_only_looks_like_a_run(tmp_path, gctkd_m
     result = gctkd_main("pretrain", "--out", str(project), "--overwrite", "--epochs", "1")
     assert result.returncode == 2 and "not a gctkd run's" in result.stderr
     assert _tree(project) == before
+
+
+def test_bare_command_prints_help_and_succeeds(gctkd_main, capsys):
+    result = gctkd_main()
+    assert result.returncode == 0 and result.stderr == ""
+
+
+@pytest.mark.parametrize("option", ["--from", "--teacher"])
+def test_a_text_file_is_not_a_checkpoint(tmp_path, gctkd_main, option):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    command = "finetune" if option == "--from" else "distill"
+    result = gctkd_main(command, option, str(text), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"gctkd: error: {option} '{text}' is not a readable checkpoint (neither a torch archive "
+        "nor a pickle): pass the best.pt or last.pt of a gctkd run"
+    )
+
+
+def test_ctrl_c_is_one_line_exit_130(tmp_path, gctkd_main, monkeypatch):
+    from gctkd.tasks import runner
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(runner.COMMANDS, "pretrain", interrupted)
+    result = gctkd_main("pretrain", "--out", str(tmp_path / "run"))
+    assert result.returncode == 130
+    assert result.stderr.strip().splitlines() == [
+        "gctkd: interrupted (Ctrl-C); a run continues from its last saved checkpoint with "
+        "--resume RUN"
+    ]
+
+
+@pytest.mark.parametrize("option, hint", [
+    ("--from", "plain weights can serve as a teacher: gctkd distill --teacher-model NAME"),
+    ("--teacher", "pass --teacher-model NAME --teacher-weights FILE instead"),
+])
+def test_plain_weights_are_not_a_checkpoint_and_the_error_says_what_to_do(
+    tmp_path, gctkd_main, option, hint
+):
+    import torch
+
+    weights = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, weights)
+    command = "finetune" if option == "--from" else "distill"
+    result = gctkd_main(command, option, str(weights), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert f"{option} '{weights}' is not a gctkd checkpoint" in result.stderr
+    assert hint in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -49,7 +49,13 @@ def test_yaml_file(tmp_path):
         ({"focal": "3:-1"}, "--focal takes G_HC:G_FL"),
         ({"cycle_window": "0.8:0.2"}, "--cycle-window needs 0 <= START <= END <= 1"),
         ({"weight_decay": "-1"}, "--weight-decay must be >= 0"),
-        ({"lr": 0}, "--lr must be > 0"),
+        ({"lr": 0}, "--lr must be a number > 0"),
+        ({"lr": float("nan")}, "--lr must be a number > 0, got nan"),
+        ({"min_lr": float("inf")}, "--min-lr must be a number >= 0, got inf"),
+        ({"warmup_epochs": -1}, "--warmup-epochs must be >= 0"),
+        ({"hflip": 1.5}, "--hflip must be in [0, 1]"),
+        ({"out": ""}, "--out is empty: pass a path"),
+        ({"data": "  "}, "--data is empty"),
     ],
 )
 def test_bad_settings(settings, message):
@@ -79,6 +85,13 @@ def test_bad_yaml_files(tmp_path):
     broken.write_text("epochs: [1,\n")
     with pytest.raises(UserError, match="is not valid YAML"):
         load_yaml(broken)
+    misplaced = tmp_path / "misplaced.yaml"
+    misplaced.write_text("epochs: 2\nlr: 0.1\n  batch_size: 8\n")
+    with pytest.raises(UserError) as caught:
+        load_yaml(misplaced)
+    assert "is not valid YAML (line 3, column 13): mapping values are not allowed here" in str(
+        caught.value
+    )
     listing = tmp_path / "list.yaml"
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="must hold a mapping"):
@@ -95,3 +108,33 @@ def test_shipped_recipes_resolve(name):
     command = name.split("-")[1] if name.startswith("cifar4k") else "pretrain"
     config = resolve_config(command, load_yaml(path))
     assert config.weight_decay.is_cyclical
+
+
+def test_paths_expand_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = resolve_config("pretrain", {"out": "~/runs/a"}, {"data": "~/data"})
+    assert (config.out, config.data) == (str(tmp_path / "runs/a"), str(tmp_path / "data"))
+
+
+def test_yaml_takes_option_names_as_keys(tmp_path):
+    path = tmp_path / "finetune.yaml"
+    path.write_text("from: runs/teacher\nepochs: 3\n")
+    config = resolve_config("finetune", load_yaml(path))
+    assert (config.from_checkpoint, config.epochs) == ("runs/teacher", 3)
+    with pytest.raises(UserError, match="'from' and 'from_checkpoint' are the same setting"):
+        resolve_config("finetune", {"from": "a", "from_checkpoint": "b"})
+
+
+def test_a_runs_config_yaml_is_a_recipe(tmp_path):
+    """A run folder's config.yaml (every field of every command, plus 'command') reloads."""
+    import yaml
+
+    original = resolve_config("distill", {"teacher": "runs/t", "epochs": 3, "clip": "1:2"})
+    record = {"command": "distill", **original.to_dict()}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    again = resolve_config("distill", load_yaml(path))
+    assert again.to_dict() == original.to_dict()
+    # the same record drives another command; the distillation-only settings are left out
+    pretrain = resolve_config("pretrain", load_yaml(path), {"out": "runs/new"})
+    assert (pretrain.epochs, pretrain.clip, pretrain.teacher) == (3, original.clip, None)

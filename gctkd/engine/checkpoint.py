@@ -176,11 +176,18 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _is_pickle(path: Path) -> bool:
-    # a pickle of protocol 2 or later opens with the PROTO opcode; torch archives are zips
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
+
+
+def _file_head(path: Path) -> bytes:
     with open(path, "rb") as stream:
-        head = stream.read(4)
-    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+        return stream.read(4)
+
+
+def _is_pickle(path: Path) -> bool:
+    # a pickle of protocol 2 or later opens with the PROTO opcode
+    head = _file_head(path)
+    return head[:1] == b"\x80" or head == _ZIP_MAGIC
 
 
 def _refusal_reason(error: Exception) -> str:
@@ -211,6 +218,15 @@ def resolve_checkpoint(path: str | Path, prefer: str = BEST_NAME, option: str = 
     return path
 
 
+# what to do instead when a file holds plain weights rather than a gctkd checkpoint
+_PLAIN_WEIGHTS_HINTS = {
+    "--teacher": " (a plain state dict or .safetensors file: pass --teacher-model NAME "
+    "--teacher-weights FILE instead)",
+    "--from": " (finetune continues a gctkd run; plain weights can serve as a teacher: "
+    "gctkd distill --teacher-model NAME --teacher-weights FILE)",
+}
+
+
 def load_checkpoint(path: str | Path, option: str = "--from") -> dict[str, Any]:
     """Read a gctkd checkpoint safely onto the CPU; a UserError for anything else."""
     path = Path(path)
@@ -230,8 +246,12 @@ def load_checkpoint(path: str | Path, option: str = "--from") -> dict[str, Any]:
             ) from None
         reason = "neither a torch archive nor a pickle"
     except Exception as error:  # noqa: BLE001 - any failure to parse means "not a checkpoint"
-        first_line = (str(error).splitlines() or [""])[0]
-        reason = first_line.split(". ")[0][:160] or type(error).__name__
+        if _file_head(path) == _ZIP_MAGIC:
+            first_line = (str(error).splitlines() or [""])[0]
+            reason = "a damaged torch archive: " + (first_line[:160] or type(error).__name__)
+        else:
+            # torch's own message for such files is a bare number or a parser detail
+            reason = "neither a torch archive nor a pickle"
     else:
         reason = None
     if reason is not None:
@@ -242,7 +262,7 @@ def load_checkpoint(path: str | Path, option: str = "--from") -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
             f"{option} '{path}' is not a gctkd checkpoint: pass the best.pt or last.pt of a "
-            "gctkd run (timm weights: use a gctkd run, or load them with --pretrained)"
+            f"gctkd run{_PLAIN_WEIGHTS_HINTS.get(option, '')}"
         )
     if int(state.get("version", 0)) > CHECKPOINT_VERSION:
         raise UserError(
