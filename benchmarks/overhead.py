@@ -334,7 +334,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-per-class", type=int, default=200,
                         help="Validation images per class (not loaded; gctkd's split needs it).")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--loader-epochs", type=int, default=6)
+    parser.add_argument("--loader-epochs", type=int, default=20)
     parser.add_argument("--no-loader", action="store_true", help="Skip the loader check.")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.json"))
     parser.add_argument("--loader-memory", choices=("gctkd", "timm"), help=argparse.SUPPRESS)

@@ -332,13 +332,15 @@ class Trainer:
         self.trainable.train()
         if self.epoch_step == 0:
             self._reset_epoch_sums()
+        # `disable` is passed off the main rank only: an explicit value would override tqdm's
+        # own TQDM_DISABLE=1, which benchmarks and batch jobs use to keep their logs clean
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=self.epoch_step,
             desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
             leave=False,
             dynamic_ncols=True,
-            disable=not self.dist.is_main,
+            **({} if self.dist.is_main else {"disable": True}),
         )
         try:
             for images, targets in self._epoch_batches():
