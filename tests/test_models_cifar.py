@@ -210,3 +210,20 @@ def test_grad_checkpointing_same_output():
     actual.sum().backward()
     torch.testing.assert_close(actual, expected)
     assert model.stem[0].weight.grad is not None
+
+
+def test_pretrained_download_failure_is_a_user_error(monkeypatch):
+    """Offline, timm (through huggingface_hub) raises its own errors; gctkd says what to do."""
+    from gctkd.models import create_model
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UserError) as caught:
+        create_model("resnet18", 10, pretrained=True)
+    assert str(caught.value) == (
+        "cannot load timm's pretrained weights for 'resnet18' (OSError: We couldn't connect to "
+        "'https://huggingface.co'): check the network or the Hugging Face cache, or drop "
+        "--pretrained"
+    )

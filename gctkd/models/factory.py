@@ -34,7 +34,20 @@ def create_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Mo
             f"unknown model '{name}'{nearest_names(name, timm.list_models())}: "
             "pass a timm model name (timm.list_models() lists them)"
         )
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    if not pretrained:
+        return timm.create_model(name, num_classes=num_classes)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - offline, no such weights, a broken cache
+        # timm and huggingface_hub raise a dozen kinds here (HTTP, OSError, RuntimeError);
+        # for the user each means the same: the weights could not be had
+        detail = (str(error).splitlines() or [""])[0][:200] or type(error).__name__
+        raise UserError(
+            f"cannot load timm's pretrained weights for '{name}' ({type(error).__name__}: "
+            f"{detail}): check the network or the Hugging Face cache, or drop --pretrained"
+        ) from None
 
 
 def count_parameters(model: nn.Module) -> int:
