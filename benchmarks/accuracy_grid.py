@@ -17,7 +17,7 @@ The recipe is Table 4's CIFAR-10 SGD recipe scaled down: batch 64 instead of 384
 learning rate scaled linearly (0.15 * 64 / 384 = 0.025), which keeps the paper's Eq. 3,
 ``lr * wd / (bs * (1 - momentum))``, at its 1.95e-6; cosine schedule, one warm-up epoch.
 
-    python benchmarks/accuracy_grid.py --threads 1              # 4K, 15 epochs, 3 seeds
+    python benchmarks/accuracy_grid.py --jobs 2                 # 4K, 15 epochs, 3 seeds
     python benchmarks/accuracy_grid.py --quick                  # 1K images, 2 epochs, 2 seeds
 """
 
@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -130,6 +131,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: accuracy_grid, with _quick or _tiny for those modes); give "
                         "another size of data its own, e.g. --per-class 100 --name "
                         "accuracy_grid_1k.")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Train this many runs at once, each in its own process with "
+                        "CPUs / jobs torch threads unless --threads says otherwise.")
+    parser.add_argument("--runs", help=argparse.SUPPRESS)  # CELL:SEED,... for one --jobs child
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="Keep best.pt/last.pt of each run (deleted after evaluation).")
     return parser.parse_args(argv)
@@ -143,6 +148,8 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) is not None:
             plan[name] = getattr(args, name)
     plan["lr"] = args.lr or RECIPE["lr"] * plan["batch_size"] / RECIPE["batch_size"]
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     plan["cells"] = [cell.strip() for cell in args.cells.split(",") if cell.strip()]
     unknown = [cell for cell in plan["cells"] if cell not in CELLS]
     if unknown:
@@ -206,20 +213,42 @@ def _evaluate_folder(run_dir: Path, folder: str, device: torch.device) -> dict[s
     return {"top1": metrics["top1"], "ece": metrics["ece"], "images": len(dataset)}
 
 
+def _run_paths(plan: dict[str, Any], cell: str, seed: int) -> tuple[Path, Path]:
+    cache = Path(plan["cache"])
+    return cache / "results" / f"{cell}-seed{seed}.json", cache / "runs" / cell / f"seed{seed}"
+
+
+def _cached(plan: dict[str, Any], cell: str, seed: int, data: str,
+            test_dir: str | None) -> dict[str, Any] | None:
+    """The cached result of a run with exactly these settings, or None."""
+    result_path, run_dir = _run_paths(plan, cell, seed)
+    if not result_path.is_file():
+        return None
+    cached = json.loads(result_path.read_text())
+    if cached.get("fingerprint") != _fingerprint(_settings(plan, cell, seed, data, run_dir),
+                                                 test_dir):
+        return None
+    # results written before the field existed: the file's time is when the run ended
+    cached.setdefault("finished_utc", _utc(result_path.stat().st_mtime))
+    return cached
+
+
+def _train_logged(plan: dict[str, Any], cell: str, seed: int, data: str,
+                  args: argparse.Namespace, label: str) -> dict[str, Any]:
+    result = _run_one(plan, cell, seed, data, args.test_dir, args.keep_checkpoints)
+    _logger.info(f"{label} {cell} seed {seed}: final top1 {result['final_top1']:.2f}, best "
+                 f"{result['best_top1']:.2f}, {result['wall_seconds']:.0f}s")
+    return result
+
+
 def _run_one(plan: dict[str, Any], cell: str, seed: int, data: str, test_dir: str | None,
              keep_checkpoints: bool) -> dict[str, Any]:
-    cache = Path(plan["cache"])
-    result_path = cache / "results" / f"{cell}-seed{seed}.json"
-    run_dir = cache / "runs" / cell / f"seed{seed}"
+    cached = _cached(plan, cell, seed, data, test_dir)
+    if cached is not None:
+        return cached
+    result_path, run_dir = _run_paths(plan, cell, seed)
     settings = _settings(plan, cell, seed, data, run_dir)
     fingerprint = _fingerprint(settings, test_dir)
-    if result_path.is_file():
-        cached = json.loads(result_path.read_text())
-        if cached.get("fingerprint") == fingerprint:
-            # results written before the field existed: the file's time is when the run ended
-            cached.setdefault("finished_utc", _utc(result_path.stat().st_mtime))
-            return cached
-
     started = time.perf_counter()
     summary = pretrain(resolve_config("pretrain", {}, settings))
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -247,6 +276,26 @@ def _run_one(plan: dict[str, Any], cell: str, seed: int, data: str, test_dir: st
             checkpoint.unlink()
     write_json(result_path, result)
     return result
+
+
+def _train_in_parallel(args: argparse.Namespace, argv: list[str], missing: list[tuple]) -> None:
+    """Trains the ``(cell, seed)`` runs in ``missing`` in ``args.jobs`` child processes.
+
+    Each child is this script with the same arguments and a share of the runs; it caches its
+    results as a lone invocation would, and this process then reports from the cache.
+    """
+    jobs = min(args.jobs, len(missing))
+    extra = [] if args.threads else ["--threads", str(max(1, (os.cpu_count() or 1) // jobs))]
+    children = []
+    for job in range(jobs):
+        share = ",".join(f"{cell}:{seed}" for cell, seed in missing[job::jobs])
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, *extra,
+                   "--jobs", "1", "--runs", share]
+        children.append(subprocess.Popen(command))
+    failed = [child.args[-1] for child in children if child.wait() != 0]
+    if failed:
+        raise SystemExit(f"runs {'; '.join(failed)} failed (see their output above); run the "
+                         "same command again to retry them, the finished runs are cached")
 
 
 def _utc(seconds: float) -> str:
@@ -349,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _logger.setLevel(logging.INFO)
     plan = _plan(args)
     plan["device"] = args.device
+    plan["jobs"] = args.jobs
     if args.threads:
         torch.set_num_threads(args.threads)
     plan["threads"] = torch.get_num_threads()
@@ -357,18 +407,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = machine_info(args.device)
 
     started = time.perf_counter()
-    runs: dict[str, list[dict[str, Any]]] = {cell: [] for cell in plan["cells"]}
-    total = len(plan["cells"]) * plan["seeds"]
-    done = 0
     # seed-major order: an early stop still leaves every cell with some seeds
-    for seed in range(plan["seeds"]):
-        for cell in plan["cells"]:
-            result = _run_one(plan, cell, seed, data, args.test_dir, args.keep_checkpoints)
-            runs[cell].append(result)
-            done += 1
-            _logger.info(f"[{done}/{total}] {cell} seed {seed}: final top1 "
-                         f"{result['final_top1']:.2f}, best {result['best_top1']:.2f}, "
-                         f"{result['wall_seconds']:.0f}s")
+    order = [(cell, seed) for seed in range(plan["seeds"]) for cell in plan["cells"]]
+    if args.runs is not None:  # a --jobs child: its share only, no report
+        share = [(cell, int(seed)) for cell, seed in (r.split(":") for r in args.runs.split(","))]
+        for cell, seed in share:
+            _train_logged(plan, cell, seed, data, args, f"[job {os.getpid()}]")
+        return {"trained": share}
+    if args.jobs > 1:
+        missing = [(cell, seed) for cell, seed in order
+                   if _cached(plan, cell, seed, data, args.test_dir) is None]
+        if missing:
+            _train_in_parallel(args, list(sys.argv[1:] if argv is None else argv), missing)
+    runs: dict[str, list[dict[str, Any]]] = {cell: [] for cell in plan["cells"]}
+    for done, (cell, seed) in enumerate(order, 1):
+        result = _train_logged(plan, cell, seed, data, args, f"[{done}/{len(order)}]")
+        runs[cell].append(result)
     wall = sum(run["wall_seconds"] for cell_runs in runs.values() for run in cell_runs)
 
     baseline = {run["seed"]: run for run in runs.get("baseline", [])}

@@ -64,6 +64,22 @@ def test_accuracy_grid_tiny_writes_tables_and_resumes(benchmarks, cifar_dir, tmp
     assert again["stats"] == report["stats"]
 
 
+def test_accuracy_grid_jobs_train_in_child_processes(benchmarks, cifar_dir, tmp_path,
+                                                    monkeypatch):
+    grid = benchmarks["accuracy_grid"]
+    # only the children may train: this process fails if it tries
+    monkeypatch.setattr(grid, "pretrain", lambda config: pytest.fail("the parent trained"))
+    args = ["--tiny", "--data", str(cifar_dir), "--cache", str(tmp_path / "cache"),
+            "--results", str(tmp_path / "results"), "--cells", "baseline,CWD", "--jobs", "2"]
+    report = grid.main(args)
+    # the children cached all four runs; this process only read them back for the report
+    assert len(list((tmp_path / "cache" / "results").glob("*.json"))) == 4
+    assert report["plan"]["jobs"] == 2
+    assert {run["settings"]["seed"] for run in report["runs"]["CWD"]} == {0, 1}
+    rows = _table_rows((tmp_path / "results" / "accuracy_grid_tiny.md").read_text())
+    assert rows[0] == ["top-1 %", "baseline", "CWD"]
+
+
 def test_overhead_tiny_reports_ratios(benchmarks, cifar_dir, tmp_path):
     out = tmp_path / "overhead.json"
     report = benchmarks["overhead"].main([
