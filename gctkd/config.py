@@ -272,7 +272,10 @@ def _yaml_keys(command: str, settings: dict[str, Any], source: str) -> dict[str,
         if left_out:
             _logger.info(f"{source} is a '{recorded_command}' run's record: ignoring "
                          f"{', '.join(left_out)} (not settings of 'gctkd {command}')")
-        renamed = {key: value for key, value in renamed.items() if key in known}
+        # how that run was started, not what it trained: repeating a run's record must never
+        # replace (--overwrite) or continue (--resume) the run it came from
+        renamed = {key: value for key, value in renamed.items()
+                   if key in known and key not in ("overwrite", "resume")}
     return renamed
 
 

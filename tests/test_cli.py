@@ -156,3 +156,29 @@ def test_plain_weights_are_not_a_checkpoint_and_the_error_says_what_to_do(
     assert result.returncode == 2
     assert f"{option} '{weights}' is not a gctkd checkpoint" in result.stderr
     assert hint in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_repeats_from_its_config_yaml_and_never_replaces_it(tmp_path, gctkd_main):
+    first = tmp_path / "first"
+    tiny = ["--epochs", "1", "--image-size", "8", "--batch-size", "128", "--workers", "0",
+            "--model", "resnet20", "--weight-decay", "1e-4:1e-3"]
+    assert gctkd_main("pretrain", "--out", str(first), *tiny, "--overwrite").returncode == 0
+    before = _tree(first)
+    record = str(first / "config.yaml")
+    # without --out the record names its own folder: refused, even though it says overwrite
+    result = gctkd_main("pretrain", "--config", record)
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    assert _tree(first) == before
+    again = tmp_path / "again"
+    assert gctkd_main("pretrain", "--config", record, "--out", str(again)).returncode == 0
+    import yaml
+
+    settings = yaml.safe_load((again / "config.yaml").read_text())
+    recorded = yaml.safe_load((first / "config.yaml").read_text())
+    assert {**recorded, "out": str(again), "overwrite": False} == settings
+    # same seed and settings on the CPU: the same weights
+    from gctkd.engine.checkpoint import load_checkpoint
+
+    weights = [load_checkpoint(run / "last.pt")["model"] for run in (first, again)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(weights[0][name].equal(weights[1][name]) for name in weights[0])

@@ -129,12 +129,14 @@ def test_a_runs_config_yaml_is_a_recipe(tmp_path):
     """A run folder's config.yaml (every field of every command, plus 'command') reloads."""
     import yaml
 
-    original = resolve_config("distill", {"teacher": "runs/t", "epochs": 3, "clip": "1:2"})
+    original = resolve_config("distill", {"teacher": "runs/t", "epochs": 3, "clip": "1:2",
+                                          "out": "runs/s", "overwrite": True})
     record = {"command": "distill", **original.to_dict()}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(record, sort_keys=False))
     again = resolve_config("distill", load_yaml(path))
-    assert again.to_dict() == original.to_dict()
+    # the same settings, but never --overwrite of the recorded run's folder
+    assert again.to_dict() == {**original.to_dict(), "overwrite": False}
     # the same record drives another command; the distillation-only settings are left out
     pretrain = resolve_config("pretrain", load_yaml(path), {"out": "runs/new"})
     assert (pretrain.epochs, pretrain.clip, pretrain.teacher) == (3, original.clip, None)
