@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from gctkd.data import archive as archive_module
-from gctkd.data.archive import MARKER_NAME, extract_imagefolder_subset
+from gctkd.data.archive import extract_imagefolder_subset
 from gctkd.data.datasets import (
     DIGITS_MEAN,
     DIGITS_STD,

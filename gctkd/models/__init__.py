@@ -6,6 +6,7 @@ from gctkd.models.factory import (
     count_parameters,
     create_model,
     load_weights_file,
+    model_from_checkpoint,
 )
 from gctkd.models.teacher import FrozenTeacher
 
@@ -15,4 +16,5 @@ __all__ = [
     "count_parameters",
     "create_model",
     "load_weights_file",
+    "model_from_checkpoint",
 ]

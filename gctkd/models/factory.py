@@ -117,3 +117,28 @@ def classifier_outputs(model: nn.Module, weights: dict[str, torch.Tensor]) -> in
         if weight is not None and weight.ndim >= 1:
             return int(weight.shape[0])
     return None
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[0][:200]
+        raise UserError(
+            f"{source} does not fit the model ({detail}): pass the --model it was trained with"
+        ) from None
+
+
+def model_from_checkpoint(
+    state: dict[str, Any], source: str, model_name: str | None = None
+) -> nn.Module:
+    """Rebuild the network a checkpoint was trained with and load its exported weights."""
+    recorded = state.get("model_name")
+    if model_name is not None and recorded is not None and model_name != recorded:
+        raise UserError(
+            f"{source} holds a '{recorded}', not a '{model_name}': drop --model or pass "
+            f"--model {recorded}"
+        )
+    model = create_model(model_name or recorded, int(state["num_classes"]))
+    _load_weights(model, state["model"], source)
+    return model

@@ -10,16 +10,13 @@ mid-run).
 
 import dataclasses
 import logging
-import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import timm.utils
 import torch
 import yaml
-from torch import nn
 
 import gctkd
 from gctkd.config import (
@@ -37,7 +34,6 @@ from gctkd.engine import distributed
 from gctkd.engine.checkpoint import (
     BEST_NAME,
     LAST_NAME,
-    STEP_FOLDER,
     load_checkpoint,
     resolve_checkpoint,
 )
@@ -46,95 +42,25 @@ from gctkd.engine.precision import select_device
 from gctkd.engine.trainer import Trainer
 from gctkd.errors import UserError
 from gctkd.knobs import KnobSchedule, parse_knob
-from gctkd.models import (
-    FrozenTeacher,
-    classifier_outputs,
-    count_parameters,
-    create_model,
-    load_weights_file,
-)
+from gctkd.models import count_parameters, create_model, model_from_checkpoint
 from gctkd.models.taps import parse_feature_layers
+from gctkd.tasks import teachers
 from gctkd.tasks.classification import ClassificationTask
 from gctkd.tasks.distill import DEFAULT_FEATURE_WEIGHT, DistillTask
 from gctkd.tasks.logit_cache import IndexedTargets, TeacherLogitCache
+from gctkd.tasks.run_folder import (
+    attach_file_log,
+    close_file_log,
+    default_run_dir,
+    prepare_run_dir,
+    remove_stale_temporaries,
+    settle_replaced,
+)
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_CYCLICAL_FACTOR = {"pretrain": 1.0, "finetune": 1.0, "distill": 2.0}
 DEFAULT_MODEL = {"pretrain": "resnet56", "distill": "resnet20"}
-
-
-# what a gctkd run folder holds; --overwrite replaces a folder only when it holds nothing else
-_RUN_ENTRIES = frozenset(
-    {"config.yaml", "tensorboard", BEST_NAME, LAST_NAME, "metrics.jsonl", "summary.json",
-     "train.log", "checkpoints"}
-)
-
-
-def _is_gctkd_run(run_dir: Path) -> bool:
-    names = {entry.name for entry in run_dir.iterdir() if not entry.name.startswith(".")}
-    return "config.yaml" in names and names <= _RUN_ENTRIES
-
-
-def prepare_run_dir(out: str | None, command: str, overwrite: bool) -> tuple[Path, Path | None]:
-    """Create the run folder; never write into someone's existing files unasked.
-
-    Returns the folder and, with ``--overwrite``, where the run it replaces was moved: the
-    old run is only deleted once the new one has finished (:func:`_settle_replaced`).
-    """
-    run_dir = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out '{run_dir}' is a file: pass a folder for the run")
-    replaced = None
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"--out '{run_dir}' exists and is not empty: pass another folder, or --overwrite "
-                "to replace that run"
-            )
-        if not _is_gctkd_run(run_dir):
-            raise UserError(
-                f"--out '{run_dir}' holds files that are not a gctkd run's; --overwrite only "
-                "replaces gctkd runs: pass an empty or new folder"
-            )
-        replaced = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
-        os.replace(run_dir, replaced)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        if replaced is not None:
-            os.replace(replaced, run_dir)
-        raise UserError(
-            f"--out '{run_dir}' cannot be written ({error.strerror}): pass a writable folder"
-        ) from None
-    return run_dir, replaced
-
-
-def _settle_replaced(run_dir: Path, replaced: Path | None, succeeded: bool) -> None:
-    """Delete the replaced run after a success; put it back after a failure."""
-    if replaced is None:
-        return
-    if succeeded:
-        shutil.rmtree(replaced, ignore_errors=True)
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.replace(replaced, run_dir)
-
-
-def _attach_file_log(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("gctkd").addHandler(handler)
-    return handler
-
-
-def _close_file_log(handler: logging.Handler | None) -> None:
-    if handler is not None:
-        logging.getLogger("gctkd").removeHandler(handler)
-        handler.close()
 
 
 def _eval_transform(config: RunConfig, bundle: DataBundle) -> Any:
@@ -238,31 +164,6 @@ def _window(config: RunConfig, command: str, recorded: dict[str, Any] | None = N
     return CycleWindow(factor, *(bounds or (0.0, 1.0)))
 
 
-def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        detail = str(error).splitlines()[0][:200]
-        raise UserError(
-            f"{source} does not fit the model ({detail}): pass the --model it was trained with"
-        ) from None
-
-
-def _model_from_checkpoint(
-    state: dict[str, Any], source: str, model_name: str | None = None
-) -> nn.Module:
-    """Rebuild the network a checkpoint was trained with and load its exported weights."""
-    recorded = state.get("model_name")
-    if model_name is not None and recorded is not None and model_name != recorded:
-        raise UserError(
-            f"{source} holds a '{recorded}', not a '{model_name}': drop --model or pass "
-            f"--model {recorded}"
-        )
-    model = create_model(model_name or recorded, int(state["num_classes"]))
-    _load_weights(model, state["model"], source)
-    return model
-
-
 def _load_resume_state(command: str, config: RunConfig) -> dict[str, Any]:
     """``RUN/last.pt`` of the run to resume, checked against ``RUN/config.yaml``."""
     run_dir = Path(config.resume)
@@ -307,21 +208,6 @@ def _check_resume_fits(state: dict[str, Any], meta: dict[str, Any], run_dir: Pat
             )
 
 
-def _remove_stale_temporaries(run_dir: Path) -> None:
-    """Temporary files of a save that a kill interrupted (the finished files are intact)."""
-    for folder in (run_dir, run_dir / STEP_FOLDER):
-        if folder.is_dir():
-            for entry in folder.glob(".*.pt.*"):
-                if entry.suffix in (".tmp", ".link"):
-                    entry.unlink(missing_ok=True)
-
-
-def _default_run_dir(config: RunConfig, command: str) -> Path:
-    if config.out:
-        return Path(config.out)
-    return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def _train(
     command: str,
     config: RunConfig,
@@ -358,7 +244,7 @@ def _train_here(
         window = CycleWindow.from_state_dict(resume_state["cycle"])
     else:
         # rank 0 names the folder (the default name holds the time)
-        named = distributed.broadcast_object(str(_default_run_dir(config, command)), context)
+        named = distributed.broadcast_object(str(default_run_dir(config.out, command)), context)
         run_dir = Path(named)
         window = _window(config, command, recorded_cycle)
     schedule = KnobSchedule(window, config.knob_ranges(), extra_xi_tags=task.xi_driven)
@@ -379,13 +265,13 @@ def _train_here(
             if fresh:
                 _, replaced = prepare_run_dir(str(run_dir), command, config.overwrite)
             else:
-                _remove_stale_temporaries(run_dir)
+                remove_stale_temporaries(run_dir)
         except UserError as error:
             message = str(error)
     message = distributed.broadcast_object(message, context)
     if message is not None:
         raise UserError(message)
-    handler = _attach_file_log(run_dir) if context.is_main else None
+    handler = attach_file_log(run_dir) if context.is_main else None
     succeeded = False
     try:
         if fresh and context.is_main:
@@ -409,16 +295,16 @@ def _train_here(
         # a new run that failed before its first checkpoint (an undecodable image, say)
         # leaves no folder behind, so the same command runs again once the cause is fixed
         if fresh and context.is_main and replaced is None and not (run_dir / LAST_NAME).exists():
-            _close_file_log(handler)
+            close_file_log(handler)
             handler = None
             shutil.rmtree(run_dir, ignore_errors=True)
             if existed:
                 run_dir.mkdir(exist_ok=True)
         raise
     finally:
-        _close_file_log(handler)
+        close_file_log(handler)
         if context.is_main:
-            _settle_replaced(run_dir, replaced, succeeded)
+            settle_replaced(run_dir, replaced, succeeded)
 
 
 def pretrain(config: RunConfig) -> dict[str, Any]:
@@ -448,7 +334,7 @@ def finetune(config: RunConfig) -> dict[str, Any]:
         config = inherit(config, state.get("config") or {})
 
     def build_task(bundle: DataBundle) -> ClassificationTask:
-        model = _model_from_checkpoint(state, source, config.model)
+        model = model_from_checkpoint(state, source, config.model)
         if int(state["num_classes"]) != bundle.num_classes:
             _logger.info(
                 f"new classifier: {state['num_classes']} -> {bundle.num_classes} classes"
@@ -459,112 +345,6 @@ def finetune(config: RunConfig) -> dict[str, Any]:
         return ClassificationTask(model, meta, focal_gammas(config), config.label_smoothing)
 
     return _train("finetune", config, build_task, recorded_cycle=state.get("cycle"))
-
-
-def _channel_stats(text: str | None, option: str, positive: bool) -> tuple[float, ...] | None:
-    """``"0.5,0.5,0.5"`` (or a YAML list written as text) as three floats."""
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in str(text).strip("[]() ").split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if len(values) != 3 or (positive and min(values) <= 0):
-        constraint = "three numbers > 0" if positive else "three numbers"
-        raise UserError(f"{option} takes R,G,B as {constraint} (e.g. 0.5,0.5,0.5), got {text!r}")
-    return values
-
-
-def _check_teacher_options(config: RunConfig) -> None:
-    timm_options = {
-        "--teacher-weights": config.teacher_weights,
-        "--teacher-mean": config.teacher_mean,
-        "--teacher-std": config.teacher_std,
-        "--teacher-size": config.teacher_size,
-    }
-    if config.teacher is None and config.teacher_model is None:
-        raise UserError(
-            "distill needs a teacher: --teacher RUN_OR_CKPT (a gctkd run or checkpoint), or "
-            "--teacher-model NAME --teacher-weights FILE (a timm model and a local state dict)"
-        )
-    if config.teacher is not None:
-        given = [name for name, value in timm_options.items() if value is not None]
-        if config.teacher_model is not None or given:
-            extra = ", ".join((["--teacher-model"] if config.teacher_model else []) + given)
-            raise UserError(
-                f"{extra} describe a timm teacher and cannot go with --teacher, whose run "
-                "records its model, input size and normalisation: drop one of the two"
-            )
-    elif config.teacher_weights is None:
-        raise UserError(
-            f"--teacher-model {config.teacher_model} needs --teacher-weights FILE (a local "
-            ".safetensors or .pt state dict); nothing is downloaded"
-        )
-    if config.teacher_size is not None and config.teacher_size < 1:
-        raise UserError(f"--teacher-size must be >= 1, got {config.teacher_size}")
-
-
-def _checkpoint_teacher(config: RunConfig) -> tuple[dict[str, Any], Any]:
-    """``(record, build(bundle) -> FrozenTeacher)`` for ``--teacher RUN_OR_CKPT``."""
-    path = resolve_checkpoint(config.teacher, prefer=BEST_NAME, option="--teacher")
-    state = load_checkpoint(path, option="--teacher")
-    source = f"--teacher '{path}'"
-
-    def build(bundle: DataBundle) -> FrozenTeacher:
-        if int(state["num_classes"]) != bundle.num_classes:
-            raise UserError(
-                f"{source} predicts {state['num_classes']} classes but the data has "
-                f"{bundle.num_classes}: distil on the data the teacher was trained or "
-                "fine-tuned on"
-            )
-        return FrozenTeacher(
-            _model_from_checkpoint(state, source),
-            student_mean=bundle.mean,
-            student_std=bundle.std,
-            teacher_mean=state.get("mean", bundle.mean),
-            teacher_std=state.get("std", bundle.std),
-            teacher_size=state.get("image_size"),
-        )
-
-    return {"path": str(path), "model_name": state["model_name"]}, build
-
-
-def _timm_teacher(config: RunConfig) -> tuple[dict[str, Any], Any]:
-    """``(record, build(bundle) -> FrozenTeacher)`` for ``--teacher-model --teacher-weights``."""
-    name = config.teacher_model
-    weights = load_weights_file(config.teacher_weights, option="--teacher-weights")
-    mean = _channel_stats(config.teacher_mean, "--teacher-mean", positive=False)
-    std = _channel_stats(config.teacher_std, "--teacher-std", positive=True)
-    source = f"--teacher-weights '{config.teacher_weights}'"
-
-    def build(bundle: DataBundle) -> FrozenTeacher:
-        model = create_model(name, bundle.num_classes)
-        classes = classifier_outputs(model, weights)
-        if classes is not None and classes != bundle.num_classes:
-            raise UserError(
-                f"{source} is a {classes}-class {name} but the data has {bundle.num_classes} "
-                "classes: distil on the data the teacher was trained or fine-tuned on"
-            )
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as error:
-            detail = str(error).splitlines()[0][:200]
-            raise UserError(
-                f"{source} does not fit --teacher-model {name} ({detail}): pass the timm model "
-                "the weights were trained with"
-            ) from None
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        size = config.teacher_size or (cfg.get("input_size") or (None,))[-1]
-        return FrozenTeacher(
-            model,
-            student_mean=bundle.mean,
-            student_std=bundle.std,
-            teacher_mean=mean or tuple(cfg.get("mean", bundle.mean)),
-            teacher_std=std or tuple(cfg.get("std", bundle.std)),
-            teacher_size=size,
-        )
-
-    return {"weights": str(config.teacher_weights), "model_name": name}, build
 
 
 def _feature_settings(config: RunConfig) -> tuple[RunConfig, list[tuple[Any, Any]]]:
@@ -614,11 +394,11 @@ def distill(config: RunConfig) -> dict[str, Any]:
     weights file (``--teacher-model``, ``--teacher-weights``); ``--feature-layers`` adds
     feature matching, ``--cache-teacher-logits`` reuses the teacher's logits of each image.
     """
-    _check_teacher_options(config)
+    teachers.check_teacher_options(config)
     config, pairs = _feature_settings(config)
     _check_logit_cache(config, pairs)
     record, build_teacher = (
-        _checkpoint_teacher(config) if config.teacher is not None else _timm_teacher(config)
+        teachers.checkpoint_teacher(config) if config.teacher is not None else teachers.timm_teacher(config)
     )
     student_name = config.model or DEFAULT_MODEL["distill"]
 
