@@ -53,7 +53,7 @@ def config_options(command: str) -> Callable:
 def config_from_click(command: str, context: click.Context, values: dict[str, Any]) -> RunConfig:
     """Settings given on the command line over the YAML file over the defaults."""
     config_path = values.pop("config_path", None)
-    yaml_settings = load_yaml(config_path) if config_path else {}
+    yaml_settings = load_yaml(config_path) if config_path is not None else {}
     cli_settings = {
         name: value
         for name, value in values.items()

@@ -207,6 +207,22 @@ class _RecipeLoader(yaml.SafeLoader):
     """
 
 
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    # PyYAML keeps the last of two equal keys; in a recipe that hides a mistake
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}'", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                              _construct_unique_mapping)
+
 _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _RecipeLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
@@ -229,11 +245,20 @@ _RecipeLoader.add_implicit_resolver(
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a dict of settings (plain data only, as yaml.safe_load)."""
-    path = Path(path)
+    if not str(path).strip():
+        raise UserError("--config is empty: pass a YAML file, or leave --config out")
+    path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist: pass --config with a YAML file")
     try:
-        loaded = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"config file '{path}' is not a text file: pass --config with a YAML recipe "
+            "(checkpoints go to --from, --teacher or --resume)"
+        ) from None
+    try:
+        loaded = yaml.load(text, Loader=_RecipeLoader) or {}
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         mark = getattr(error, "problem_mark", None)
@@ -266,9 +291,13 @@ def _yaml_keys(command: str, settings: dict[str, Any], source: str) -> dict[str,
         renamed[name], given_as[name] = value, key
     recorded_command = renamed.pop("command", None)
     if recorded_command is not None:
+        if recorded_command not in COMMANDS:
+            raise UserError(f"{source}: 'command: {recorded_command}' is not a gctkd command "
+                            f"({', '.join(COMMANDS)}): fix or remove the key")
         known = {f.name for f in fields_for(command)}
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
         left_out = sorted(key for key, value in renamed.items()
-                          if key not in known and value is not None)
+                          if key not in known and value not in (None, defaults.get(key)))
         if left_out:
             _logger.info(f"{source} is a '{recorded_command}' run's record: ignoring "
                          f"{', '.join(left_out)} (not settings of 'gctkd {command}')")
@@ -293,6 +322,8 @@ def _check_keys(command: str, settings: dict[str, Any], source: str) -> None:
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Turn YAML or CLI values into the field's kind, with a clear error."""
     if value is None or f.metadata.get("knob"):
+        if value is None and "None" not in str(f.type) and not f.metadata.get("knob"):
+            raise UserError(f"setting '{f.name}' needs a value, got null: give one or drop it")
         return parse_knob(f.name, value) if value is not None else None
     declared = str(f.type)
     if "bool" in declared:
@@ -308,6 +339,10 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             raise ValueError
         if target is bool and not isinstance(value, bool):
             raise ValueError
+        if target is not bool and isinstance(value, bool):
+            raise ValueError  # YAML's true/false are not 1/0
+        if target is str and not isinstance(value, (str, int, float)):
+            raise ValueError  # a list or mapping where text belongs
         coerced = target(value)
     except (TypeError, ValueError):
         raise UserError(f"setting '{f.name}' must be {target.__name__}, got {value!r}") from None
@@ -341,7 +376,9 @@ def _validate(config: RunConfig) -> None:
         raise UserError(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
     if config.per_class is not None and config.per_class < 1:
         raise UserError(f"--per-class must be >= 1, got {config.per_class}")
-    if config.cyclical_factor is not None and config.cyclical_factor < 1:
+    if config.cyclical_factor is not None and not (
+        math.isfinite(config.cyclical_factor) and config.cyclical_factor >= 1
+    ):
         raise UserError(
             f"--cyclical-factor must be >= 1, got {config.cyclical_factor}: use 1 for "
             "easy-to-hard, 2 for easy-hard-easy"
@@ -390,10 +427,13 @@ def cycle_window_bounds(config: RunConfig) -> tuple[float, float] | None:
     return start, end
 
 
+def _option_of(name: str) -> str:
+    return _option_name(next(f for f in dataclasses.fields(RunConfig) if f.name == name))
+
+
 def _expand_path(name: str, value: str) -> str:
     if not value.strip():
-        option = _option_name(next(f for f in dataclasses.fields(RunConfig) if f.name == name))
-        raise UserError(f"{option} is empty: pass a path, or leave {option} out")
+        raise UserError(f"{_option_of(name)} is empty: pass a path, or leave it out")
     return str(Path(value).expanduser())
 
 
@@ -476,8 +516,11 @@ def resolve_config(
     _check_keys(command, cli_settings, "command line")
     merged = {**yaml_settings, **cli_settings}
     for name in PATH_SETTINGS:
-        if merged.get(name) is not None:
-            merged[name] = _expand_path(name, str(merged[name]))
+        if isinstance(merged.get(name), str):  # other kinds are refused by _coerce
+            merged[name] = _expand_path(name, merged[name])
+    for name, value in merged.items():
+        if isinstance(value, str) and not value.strip():
+            raise UserError(f"{_option_of(name)} is empty: pass a value, or leave it out")
     if merged.get("resume"):
         merged = _resume_settings(command, merged)
     values = {}

@@ -41,6 +41,12 @@ def test_version():
         (["pretrain", "--config", "missing.yaml"], "missing.yaml' does not exist"),
         (["pretrain", "--lr", "nan"], "--lr must be a number > 0, got nan"),
         (["pretrain", "--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
+        (["pretrain", "--config", ""], "--config is empty"),
+        (["pretrain", "--model", ""], "--model is empty"),
+        (["pretrain", "--opt", "sgdd"], "unknown optimizer 'sgdd' (did you mean 'sgd'"),
+        (["pretrain", "--sched", "cosinus"], "--sched cosinus: timm says 'Unknown scheduler"),
+        (["pretrain", "--pretrained", "--model", "resnet20"],
+         "'resnet20' is one of gctkd's CIFAR networks, which have no pretrained weights"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, gctkd_main, args, message):
@@ -112,17 +118,46 @@ def test_bare_command_prints_help_and_succeeds(gctkd_main, capsys):
     assert result.returncode == 0 and result.stderr == ""
 
 
-@pytest.mark.parametrize("option", ["--from", "--teacher"])
-def test_a_text_file_is_not_a_checkpoint(tmp_path, gctkd_main, option):
+@pytest.mark.parametrize("option, extra, kind, expected", [
+    ("--from", [], "checkpoint", "the best.pt or last.pt of a gctkd run"),
+    ("--teacher", [], "checkpoint", "the best.pt or last.pt of a gctkd run"),
+    ("--teacher-weights", ["--teacher-model", "resnet20"], "weights file",
+     "a .safetensors file or a .pt file of a state_dict()"),
+])
+def test_a_text_file_is_not_a_checkpoint(tmp_path, gctkd_main, option, extra, kind, expected):
     text = tmp_path / "notes.pt"
     text.write_text("hello")
     command = "finetune" if option == "--from" else "distill"
-    result = gctkd_main(command, option, str(text), "--out", str(tmp_path / "run"))
+    result = gctkd_main(command, option, str(text), *extra, "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"gctkd: error: {option} '{text}' is not a readable checkpoint (neither a torch archive "
-        "nor a pickle): pass the best.pt or last.pt of a gctkd run"
+        f"gctkd: error: {option} '{text}' is not a readable {kind} (neither a torch archive "
+        f"nor a pickle): pass {expected}"
     )
+
+
+@pytest.mark.parametrize("option", ["--from", "--teacher", "--data"])
+def test_a_run_never_replaces_the_folder_it_reads(tmp_path, gctkd_main, make_image_folder,
+                                                  option):
+    run = tmp_path / "run"
+    tiny = ["--epochs", "1", "--image-size", "8", "--batch-size", "8", "--workers", "0"]
+    data = make_image_folder(per_class=8)
+    assert gctkd_main("pretrain", "--out", str(run), "--model", "resnet20", "--data", str(data),
+                      *tiny).returncode == 0
+    if option == "--data":  # the data inside the run folder it would replace
+        inner = run / "tensorboard" / "data"
+        data.rename(inner)
+        data = inner
+    before = _tree(run)
+    command = {"--from": "finetune", "--teacher": "distill", "--data": "pretrain"}[option]
+    source = {"--from": run, "--teacher": run / "best.pt", "--data": data}[option]
+    args = [command, "--data", str(data), "--out", str(run), "--overwrite", *tiny]
+    if option != "--data":
+        args += [option, str(source)]
+    result = gctkd_main(*args)
+    assert result.returncode == 2, result.stderr
+    assert f"--out '{run}' holds {option} '{source}', which this run reads" in result.stderr
+    assert _tree(run) == before
 
 
 def test_ctrl_c_is_one_line_exit_130(tmp_path, gctkd_main, monkeypatch):

@@ -56,6 +56,14 @@ def test_yaml_file(tmp_path):
         ({"hflip": 1.5}, "--hflip must be in [0, 1]"),
         ({"out": ""}, "--out is empty: pass a path"),
         ({"data": "  "}, "--data is empty"),
+        ({"model": ""}, "--model is empty: pass a value, or leave it out"),
+        ({"epochs": None}, "setting 'epochs' needs a value, got null"),
+        ({"seed": None}, "setting 'seed' needs a value, got null"),
+        ({"epochs": True}, "setting 'epochs' must be int, got True"),
+        ({"lr": False}, "setting 'lr' must be float, got False"),
+        ({"out": ["a"]}, "setting 'out' must be str, got ['a']"),
+        ({"cyclical_factor": float("nan")}, "--cyclical-factor must be >= 1, got nan"),
+        ({"cyclical_factor": float("inf")}, "--cyclical-factor must be >= 1, got inf"),
     ],
 )
 def test_bad_settings(settings, message):
@@ -92,6 +100,20 @@ def test_bad_yaml_files(tmp_path):
     assert "is not valid YAML (line 3, column 13): mapping values are not allowed here" in str(
         caught.value
     )
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("seed: 1\nepochs: 2\nseed: 2\n")
+    with pytest.raises(UserError, match=r"\(line 3, column 1\): duplicate key 'seed'"):
+        load_yaml(twice)
+    binary = tmp_path / "best.pt"
+    binary.write_bytes(b"PK\x03\x04\x80\xff\xfe")
+    with pytest.raises(UserError, match="is not a text file: pass --config with a YAML recipe"):
+        load_yaml(binary)
+    with pytest.raises(UserError, match="--config is empty"):
+        load_yaml("")
+    bogus = tmp_path / "bogus.yaml"
+    bogus.write_text("command: bogus\nepochs: 2\n")
+    with pytest.raises(UserError, match="'command: bogus' is not a gctkd command"):
+        resolve_config("pretrain", load_yaml(bogus))
     listing = tmp_path / "list.yaml"
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="must hold a mapping"):
@@ -114,6 +136,8 @@ def test_paths_expand_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     config = resolve_config("pretrain", {"out": "~/runs/a"}, {"data": "~/data"})
     assert (config.out, config.data) == (str(tmp_path / "runs/a"), str(tmp_path / "data"))
+    (tmp_path / "recipe.yaml").write_text("epochs: 3\n")
+    assert load_yaml("~/recipe.yaml") == {"epochs": 3}
 
 
 def test_yaml_takes_option_names_as_keys(tmp_path):

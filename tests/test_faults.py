@@ -71,6 +71,18 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(gctkd_main,
     assert not (out / "summary.json").exists()
 
 
+def test_a_nan_before_any_checkpoint_says_to_run_again(gctkd_main, make_image_folder,
+                                                        tmp_path, monkeypatch):
+    data = make_image_folder(per_class=6)
+    out = tmp_path / "run"
+    _poison(monkeypatch, 1, "loss")
+    code, err = gctkd_main(*RUN, "--data", str(data), "--out", str(out))
+    assert code == 3, err
+    line = err.strip().splitlines()[-1]
+    assert "no checkpoint was written yet" in line and "--resume" not in line
+    assert line.endswith("or run again with --overwrite --skip-nonfinite to skip such steps")
+
+
 def test_skip_nonfinite_skips_and_counts(gctkd_main, make_image_folder, tmp_path, monkeypatch):
     data = make_image_folder(per_class=6)
     out = tmp_path / "run"

@@ -191,12 +191,51 @@ def _is_pickle(path: Path) -> bool:
 
 
 def _refusal_reason(error: Exception) -> str:
-    """The line of torch's refusal that names what was refused (a global, an opcode)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "GLOBAL" in line or line.startswith("Unsupported"):
-            return line[:160]
-    return "unsupported pickle content"
+    """What torch's weights-only loader refused (a Python object, an opcode), in a few words."""
+    text = str(error)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"it references the Python object {named.group(1)}"
+    opcode = re.search(r"Unsupported operand (\d+)", text)
+    if opcode:
+        return f"pickle opcode {opcode.group(1)} is not allowed"
+    return "it holds pickled Python objects"
+
+
+def read_torch_file(path: str | Path, option: str, expected: str, kind: str) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, or one UserError naming the problem.
+
+    Tensors and plain data only: a pickle that would build any other Python object is refused
+    by torch before anything runs. ``expected`` says what the option takes and ``kind`` what
+    the file should have been ("checkpoint", "weights file"), for the messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not there"
+        raise UserError(f"{option} '{path}' is {what}: pass {expected}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{option} '{path}' is an empty file: pass {expected}")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it then refuses anyway; the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if _is_pickle(path):
+            raise UserError(
+                f"{option} '{path}' was refused: it is not made of tensors and plain data only "
+                f"({_refusal_reason(error)}) and gctkd never runs code from a file: pass "
+                f"{expected}"
+            ) from None
+        reason = "neither a torch archive nor a pickle"
+    except Exception as error:  # noqa: BLE001 - any failure to parse means "not readable"
+        if _file_head(path) == _ZIP_MAGIC:
+            first_line = (str(error).splitlines() or [""])[0]
+            reason = "a damaged torch archive: " + (first_line[:160] or type(error).__name__)
+        else:
+            # torch's own message for such files is a bare number or a parser detail
+            reason = "neither a torch archive nor a pickle"
+    raise UserError(f"{option} '{path}' is not a readable {kind} ({reason}): pass {expected}")
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = BEST_NAME, option: str = "--from") -> Path:
@@ -230,35 +269,7 @@ _PLAIN_WEIGHTS_HINTS = {
 def load_checkpoint(path: str | Path, option: str = "--from") -> dict[str, Any]:
     """Read a gctkd checkpoint safely onto the CPU; a UserError for anything else."""
     path = Path(path)
-    if path.stat().st_size == 0:
-        raise UserError(f"{option} '{path}' is an empty file: pass the best.pt or last.pt of a run")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols it then refuses anyway; the error says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if _is_pickle(path):
-            raise UserError(
-                f"{option} '{path}' was refused: it is not made of tensors and plain data only "
-                f"({_refusal_reason(error)}) and gctkd never runs code from a file: pass the "
-                "best.pt or last.pt of a gctkd run"
-            ) from None
-        reason = "neither a torch archive nor a pickle"
-    except Exception as error:  # noqa: BLE001 - any failure to parse means "not a checkpoint"
-        if _file_head(path) == _ZIP_MAGIC:
-            first_line = (str(error).splitlines() or [""])[0]
-            reason = "a damaged torch archive: " + (first_line[:160] or type(error).__name__)
-        else:
-            # torch's own message for such files is a bare number or a parser detail
-            reason = "neither a torch archive nor a pickle"
-    else:
-        reason = None
-    if reason is not None:
-        raise UserError(
-            f"{option} '{path}' is not a readable checkpoint ({reason}): pass the best.pt or "
-            "last.pt of a gctkd run"
-        )
+    state = read_torch_file(path, option, "the best.pt or last.pt of a gctkd run", "checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
             f"{option} '{path}' is not a gctkd checkpoint: pass the best.pt or last.pt of a "

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
@@ -62,7 +62,7 @@ from gctkd.engine.metrics import EvalAccumulator
 from gctkd.engine.precision import Precision
 from gctkd.engine.task import Task
 from gctkd.engine.tensorboard import NullLogger, RunLogger
-from gctkd.errors import Interrupted, NumericalFault, UserError
+from gctkd.errors import Interrupted, NumericalFault, UserError, nearest_names
 from gctkd.knobs import KnobSchedule
 
 _logger = logging.getLogger(__name__)
@@ -114,15 +114,21 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.steps_per_epoch = len(train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer,
-            sched=config.sched,
-            num_epochs=config.epochs,
-            warmup_epochs=config.warmup_epochs,
-            min_lr=config.min_lr,
-            step_on_epochs=False,
-            updates_per_epoch=self.steps_per_epoch,
-        )
+        try:
+            self.scheduler, _ = create_scheduler_v2(
+                self.optimizer,
+                sched=config.sched,
+                num_epochs=config.epochs,
+                warmup_epochs=config.warmup_epochs,
+                min_lr=config.min_lr,
+                step_on_epochs=False,
+                updates_per_epoch=self.steps_per_epoch,
+            )
+        except ValueError as error:
+            raise UserError(
+                f"--sched {config.sched}: timm says '{error}': pass a timm schedule name "
+                "(cosine, tanh, step, multistep, plateau, poly)"
+            ) from None
         self.ema = ModelEmaV3(task.model, decay=config.ema_decay) if config.ema_decay else None
         self._clip = schedule.knobs.get("clip")
         self._clip_parameters = [p for p in self.trainable.parameters() if p.requires_grad]
@@ -169,13 +175,22 @@ class Trainer:
         # build with the largest decay so timm splits decaying from non-decaying groups
         largest_decay = max(decay.easy, decay.hard) if decay is not None else 0.0
         momentum = knobs["momentum"].at(1.0) if "momentum" in knobs else 0.9
-        optimizer = create_optimizer_v2(
-            self.trainable,
-            opt=self.config.opt,
-            lr=self.config.lr,
-            weight_decay=largest_decay,
-            momentum=momentum,
-        )
+        try:
+            optimizer = create_optimizer_v2(
+                self.trainable,
+                opt=self.config.opt,
+                lr=self.config.lr,
+                weight_decay=largest_decay,
+                momentum=momentum,
+            )
+        except ValueError as error:
+            if self.config.opt.lower() in list_optimizers():
+                raise  # a known optimizer refusing its arguments is not the user's typo
+            raise UserError(
+                f"unknown optimizer '{self.config.opt}'"
+                f"{nearest_names(self.config.opt.lower(), list_optimizers())}: pass a timm "
+                "optimizer name (timm.optim.list_optimizers() lists them)"
+            ) from None
         # CWD acts on decaying groups only, chosen by role, never by position
         self._decay_groups = [g for g in optimizer.param_groups if g.get("weight_decay", 0) > 0]
         self._apply_optimizer_knobs(optimizer.param_groups, self.schedule.values(0.0), knobs)
@@ -430,13 +445,16 @@ class Trainer:
         step, what = min(found, key=lambda c: c[0]) if found else (self.global_step, what)
         knobs = ", ".join(f"{name} {value:.4g}" for name, value in self.knobs_at_step(step).items())
         if self._last_saved_step is None:
+            # nothing to resume from: the same command again, told to skip such steps
             kept = "no checkpoint was written yet"
+            skip = "or run again with --overwrite --skip-nonfinite to skip such steps"
         else:
             kept = f"{self.run_dir / LAST_NAME} (step {self._last_saved_step}) is kept"
+            skip = f"or --resume {self.run_dir} --skip-nonfinite to skip such steps"
         raise NumericalFault(
             f"non-finite {what} at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}; "
             f"{knobs}): stopped, {kept}; lower --lr or the hard knob values, clip with --clip, "
-            f"or --resume {self.run_dir} --skip-nonfinite to skip such steps"
+            f"{skip}"
         )
 
     def _train_step(

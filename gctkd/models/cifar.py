@@ -250,6 +250,7 @@ _CFG = dict(
     classifier='fc',
 )
 default_cfgs = generate_default_cfgs({name: dict(_CFG) for name in _ARCHS})
+CIFAR_MODEL_NAMES = tuple(_ARCHS)  # all registered with timm; none has pretrained weights
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> CifarResNet:

@@ -6,7 +6,6 @@ for ``pretrained`` weights.
 """
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,9 @@ import timm
 import torch
 from torch import nn
 
+from gctkd.engine.checkpoint import read_torch_file
 from gctkd.errors import UserError, nearest_names
+from gctkd.models.cifar import CIFAR_MODEL_NAMES
 
 _logger = logging.getLogger(__name__)
 
@@ -36,18 +37,26 @@ def create_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Mo
         )
     if not pretrained:
         return timm.create_model(name, num_classes=num_classes)
+    if name in CIFAR_MODEL_NAMES:
+        raise UserError(
+            f"'{name}' is one of gctkd's CIFAR networks, which have no pretrained weights: "
+            "drop --pretrained, or continue a trained run with gctkd finetune --from RUN"
+        )
+    hub_logger = logging.getLogger("huggingface_hub")
+    quiet_level, hub_logger.level = hub_logger.level, logging.ERROR  # its retries, one a line
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes)
-    except UserError:
-        raise
     except Exception as error:  # noqa: BLE001 - offline, no such weights, a broken cache
         # timm and huggingface_hub raise a dozen kinds here (HTTP, OSError, RuntimeError);
         # for the user each means the same: the weights could not be had
-        detail = (str(error).splitlines() or [""])[0][:200] or type(error).__name__
+        detail = (str(error).splitlines() or [""])[0]
+        detail = detail.split(". ")[0][:200] or type(error).__name__
         raise UserError(
             f"cannot load timm's pretrained weights for '{name}' ({type(error).__name__}: "
             f"{detail}): check the network or the Hugging Face cache, or drop --pretrained"
         ) from None
+    finally:
+        hub_logger.setLevel(quiet_level)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -89,22 +98,19 @@ def load_weights_file(
         UserError: a missing or unreadable file, or one that holds anything but weights.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{option} '{path}' does not exist: pass a .safetensors or .pt file")
-    try:
-        if path.suffix == ".safetensors":
+    expected = "a .safetensors file or a .pt file of a state_dict()"
+    if path.suffix != ".safetensors":
+        loaded = read_torch_file(path, option, expected, "weights file")
+    elif not path.is_file():
+        raise UserError(f"{option} '{path}' is not a file: pass {expected}")
+    else:
+        try:
             loaded = safetensors.torch.load_file(str(path), device="cpu")
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0][:160]
-        raise UserError(
-            f"{option} '{path}' was refused: it holds objects other than tensors and plain data "
-            f"({reason}); save only the model's state_dict()"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, safetensors.SafetensorError) as error:
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise UserError(f"{option} '{path}' is not a readable weights file ({reason})") from None
+        except (OSError, ValueError, safetensors.SafetensorError) as error:
+            reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            raise UserError(
+                f"{option} '{path}' is not a readable weights file ({reason}): pass {expected}"
+            ) from None
     return _state_dict_in(loaded, path, option)
 
 

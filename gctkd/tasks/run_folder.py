@@ -33,11 +33,15 @@ def is_gctkd_run(run_dir: Path) -> bool:
     return "config.yaml" in names and names <= RUN_ENTRIES
 
 
-def prepare_run_dir(out: str | None, command: str, overwrite: bool) -> tuple[Path, Path | None]:
+def prepare_run_dir(
+    out: str | None, command: str, overwrite: bool, sources: dict[str, str | None] | None = None
+) -> tuple[Path, Path | None]:
     """Create the run folder; never write into someone's existing files unasked.
 
     Returns the folder and, with ``--overwrite``, where the run it replaces was moved: the
     old run is only deleted once the new one has finished (:func:`settle_replaced`).
+    ``sources`` maps options to the paths the run reads (``--from``, ``--teacher``, ...): a
+    run may not replace the folder it reads from.
     """
     run_dir = default_run_dir(out, command)
     if run_dir.exists() and not run_dir.is_dir():
@@ -54,6 +58,12 @@ def prepare_run_dir(out: str | None, command: str, overwrite: bool) -> tuple[Pat
                 f"--out '{run_dir}' holds files that are not a gctkd run's; --overwrite only "
                 "replaces gctkd runs: pass an empty or new folder"
             )
+        for option, source in (sources or {}).items():
+            if source is not None and _inside(Path(source), run_dir):
+                raise UserError(
+                    f"--out '{run_dir}' holds {option} '{source}', which this run reads: "
+                    "--overwrite would replace it; write the new run to another folder"
+                )
         replaced = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
         os.replace(run_dir, replaced)
     try:
@@ -68,6 +78,11 @@ def prepare_run_dir(out: str | None, command: str, overwrite: bool) -> tuple[Pat
             f"--out '{run_dir}' cannot be written ({error.strerror}): pass a writable folder"
         ) from None
     return run_dir, replaced
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def settle_replaced(run_dir: Path, replaced: Path | None, succeeded: bool) -> None:

@@ -263,7 +263,9 @@ def _train_here(
     if context.is_main:
         try:
             if fresh:
-                _, replaced = prepare_run_dir(str(run_dir), command, config.overwrite)
+                sources = {"--data": config.data, "--from": config.from_checkpoint,
+                           "--teacher": config.teacher, "--teacher-weights": config.teacher_weights}
+                _, replaced = prepare_run_dir(str(run_dir), command, config.overwrite, sources)
             else:
                 remove_stale_temporaries(run_dir)
         except UserError as error:

@@ -4,6 +4,7 @@ Each returns a record for the student's checkpoint and a ``build(bundle)`` that 
 :class:`~gctkd.models.FrozenTeacher` once the data (and so the class count) is known.
 """
 
+import math
 from typing import Any
 
 from gctkd.config import RunConfig
@@ -27,8 +28,9 @@ def channel_stats(text: str | None, option: str, positive: bool) -> tuple[float,
         values = tuple(float(v) for v in str(text).strip("[]() ").split(",") if v.strip())
     except ValueError:
         values = ()
-    if len(values) != 3 or (positive and min(values) <= 0):
-        constraint = "three numbers > 0" if positive else "three numbers"
+    finite = all(math.isfinite(v) for v in values)
+    if len(values) != 3 or not finite or (positive and min(values) <= 0):
+        constraint = "three finite numbers > 0" if positive else "three finite numbers"
         raise UserError(f"{option} takes R,G,B as {constraint} (e.g. 0.5,0.5,0.5), got {text!r}")
     return values
 
