@@ -183,7 +183,7 @@ class Trainer:
                 weight_decay=largest_decay,
                 momentum=momentum,
             )
-        except ValueError as error:
+        except ValueError:
             if self.config.opt.lower() in list_optimizers():
                 raise  # a known optimizer refusing its arguments is not the user's typo
             raise UserError(
