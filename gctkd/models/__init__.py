@@ -5,6 +5,7 @@ from gctkd.models.factory import (
     classifier_outputs,
     count_parameters,
     create_model,
+    load_weights,
     load_weights_file,
     model_from_checkpoint,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "classifier_outputs",
     "count_parameters",
     "create_model",
+    "load_weights",
     "load_weights_file",
     "model_from_checkpoint",
 ]

@@ -125,14 +125,19 @@ def classifier_outputs(model: nn.Module, weights: dict[str, torch.Tensor]) -> in
     return None
 
 
-def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+def load_weights(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    source: str,
+    what: str = "the model",
+    fix: str = "pass the --model it was trained with",
+) -> None:
+    """``model.load_state_dict(weights)``; a mismatch is a UserError naming ``source``."""
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
         detail = str(error).splitlines()[0][:200]
-        raise UserError(
-            f"{source} does not fit the model ({detail}): pass the --model it was trained with"
-        ) from None
+        raise UserError(f"{source} does not fit {what} ({detail}): {fix}") from None
 
 
 def model_from_checkpoint(
@@ -146,5 +151,5 @@ def model_from_checkpoint(
             f"--model {recorded}"
         )
     model = create_model(model_name or recorded, int(state["num_classes"]))
-    _load_weights(model, state["model"], source)
+    load_weights(model, state["model"], source)
     return model

@@ -15,6 +15,7 @@ from gctkd.models import (
     FrozenTeacher,
     classifier_outputs,
     create_model,
+    load_weights,
     load_weights_file,
     model_from_checkpoint,
 )
@@ -105,14 +106,8 @@ def timm_teacher(config: RunConfig) -> tuple[dict[str, Any], Any]:
                 f"{source} is a {classes}-class {name} but the data has {bundle.num_classes} "
                 "classes: distil on the data the teacher was trained or fine-tuned on"
             )
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as error:
-            detail = str(error).splitlines()[0][:200]
-            raise UserError(
-                f"{source} does not fit --teacher-model {name} ({detail}): pass the timm model "
-                "the weights were trained with"
-            ) from None
+        load_weights(model, weights, source, what=f"--teacher-model {name}",
+                     fix="pass the timm model the weights were trained with")
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         size = config.teacher_size or (cfg.get("input_size") or (None,))[-1]
         return FrozenTeacher(
