@@ -277,6 +277,20 @@ def test_timm_teacher_class_count_mismatch_is_an_error(make_image_folder, timm_t
     assert "is a 10-class test_resnet but the data has 3 classes" in result.stderr
 
 
+def test_teacher_weights_of_another_model_are_refused(make_image_folder, tmp_path, gctkd_main):
+    path = tmp_path / "resnet56.safetensors"
+    safetensors.torch.save_file(timm.create_model("resnet56", num_classes=3).state_dict(),
+                                str(path))
+    result = gctkd_main(
+        "distill", "--teacher-model", "resnet20", "--teacher-weights", str(path),
+        "--data", str(make_image_folder(per_class=10)), "--out", str(tmp_path / "never"), *COMMON,
+        "--batch-size", "8",
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert (f"--teacher-weights '{path}' does not fit --teacher-model resnet20 (" in
+            result.stderr and "pass the timm model the weights were trained with" in result.stderr)
+
+
 class _NotATensor:
     pass
 
