@@ -62,7 +62,7 @@ def main() -> None:
     loss, gradient or weight, 143 after SIGTERM (a checkpoint to ``--resume`` from is saved).
     """
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="gctkd", standalone_mode=False)
     except UserError as error:
         click.echo(f"gctkd: error: {error}", err=True)
         sys.exit(2)

@@ -113,9 +113,16 @@ def test_overwrite_refuses_a_folder_that_only_looks_like_a_run(tmp_path, gctkd_m
     assert _tree(project) == before
 
 
-def test_bare_command_prints_help_and_succeeds(gctkd_main, capsys):
-    result = gctkd_main()
-    assert result.returncode == 0 and result.stderr == ""
+def test_bare_command_prints_help_and_succeeds(monkeypatch, capsys):
+    from gctkd_cli.main import main
+
+    monkeypatch.setattr("sys.argv", ["gctkd"])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    captured = capsys.readouterr()
+    assert stopped.value.code == 0 and captured.err == ""
+    assert captured.out.startswith("Usage: gctkd [OPTIONS] COMMAND [ARGS]...")
+    assert all(name in captured.out for name in ("pretrain", "finetune", "distill"))
 
 
 @pytest.mark.parametrize("option, extra, kind, expected", [

@@ -202,6 +202,17 @@ def _refusal_reason(error: Exception) -> str:
     return "it holds pickled Python objects"
 
 
+def require_file(path: str | Path, option: str, expected: str) -> Path:
+    """``path`` when it is a non-empty file; else a UserError saying what ``option`` takes."""
+    path = Path(path)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not there"
+        raise UserError(f"{option} '{path}' is {what}: pass {expected}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{option} '{path}' is an empty file: pass {expected}")
+    return path
+
+
 def read_torch_file(path: str | Path, option: str, expected: str, kind: str) -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU, or one UserError naming the problem.
 
@@ -209,12 +220,7 @@ def read_torch_file(path: str | Path, option: str, expected: str, kind: str) -> 
     by torch before anything runs. ``expected`` says what the option takes and ``kind`` what
     the file should have been ("checkpoint", "weights file"), for the messages.
     """
-    path = Path(path)
-    if not path.is_file():
-        what = "a folder" if path.is_dir() else "not there"
-        raise UserError(f"{option} '{path}' is {what}: pass {expected}")
-    if path.stat().st_size == 0:
-        raise UserError(f"{option} '{path}' is an empty file: pass {expected}")
+    path = require_file(path, option, expected)
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it then refuses anyway; the error says it all

@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from gctkd.engine.checkpoint import read_torch_file
+from gctkd.engine.checkpoint import read_torch_file, require_file
 from gctkd.errors import UserError, nearest_names
 from gctkd.models.cifar import CIFAR_MODEL_NAMES
 
@@ -101,9 +101,8 @@ def load_weights_file(
     expected = "a .safetensors file or a .pt file of a state_dict()"
     if path.suffix != ".safetensors":
         loaded = read_torch_file(path, option, expected, "weights file")
-    elif not path.is_file():
-        raise UserError(f"{option} '{path}' is not a file: pass {expected}")
     else:
+        require_file(path, option, expected)
         try:
             loaded = safetensors.torch.load_file(str(path), device="cpu")
         except (OSError, ValueError, safetensors.SafetensorError) as error:
